@@ -1,0 +1,178 @@
+"""The `prefsel` command line: score, select, demo.
+
+Flag names follow OpenRLHF / TRL where they exist (--beta, --max-length, --chat-template).
+Each subcommand's parser is built by a function that ray_jobs/ reuses, so `ray job submit`
+entry points take exactly the same flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    g = p.add_argument_group("models")
+    g.add_argument("--policy", required=required, help="DPO policy: local folder or hub name")
+    g.add_argument("--reference", "--ref-model", dest="reference", required=required,
+                   help="reference (SFT) model: local folder or hub name")
+    g.add_argument("--tokenizer", default=None, help="tokenizer (default: the policy's)")
+    g.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
+    g.add_argument("--attn-implementation", default=None, help="sdpa, eager, flash_attention_2")
+    g.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub")
+
+
+def _add_score_args(p: argparse.ArgumentParser, data_required: bool = True) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data", "--dataset", dest="data", required=data_required,
+                   help="file, folder, glob, datasets save_to_disk folder, hub dataset, or s3:// URI")
+    g.add_argument("--split", default="train", help="split of a hub / save_to_disk dataset")
+    g.add_argument("--format", default=None, choices=["pairs", "conversation", "hh"],
+                   help="force the data format (default: detected)")
+    g.add_argument("--chat-template", default="auto", help="auto, none, or a Jinja template file")
+    g.add_argument("--max-length", type=int, default=None, help="max tokens of prompt + response")
+    g.add_argument("--truncation", default="reject", choices=["reject", "prompt-left"],
+                   help="over-long rows: reject them, or drop prompt tokens from the left")
+    g.add_argument("--chunk-rows", type=int, default=1024, help="rows per read chunk / output shard")
+    s = p.add_argument_group("scoring")
+    s.add_argument("--beta", type=float, default=0.1, help="implicit reward scale (paper: 0.1)")
+    s.add_argument("--num-actors", type=int, default=1, help="scoring actors (model replicas)")
+    s.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per actor; fractional allowed")
+    s.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs per actor")
+    s.add_argument("--max-tokens-per-batch", type=int, default=16384, help="padded tokens per forward")
+    s.add_argument("--padding-side", default="right", choices=["left", "right"])
+    s.add_argument("--rows-per-actor-call", type=int, default=256, help="rows handed to an actor at once")
+
+
+def score_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = p or argparse.ArgumentParser(prog="prefsel score", description="Score pairs by DPO implicit reward gap.")
+    _add_model_args(p)
+    _add_score_args(p)
+    p.add_argument("--output", required=True, help="output folder or s3:// URI")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    return p
+
+
+def select_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = p or argparse.ArgumentParser(prog="prefsel select", description="Keep the hardest pairs.")
+    p.add_argument("--scores", default=None, help="a finished `prefsel score` output")
+    _add_model_args(p, required=False)
+    _add_score_args(p, data_required=False)
+    g = p.add_argument_group("selection")
+    g.add_argument("--ratio", type=float, default=0.1, help="fraction kept: k = floor(N * ratio)")
+    g.add_argument("--top-k", type=int, default=None, help="keep exactly K rows instead of a ratio")
+    g.add_argument("--strategy", default="smallest-gap",
+                   choices=["smallest-gap", "largest-gap", "random", "gap-range"])
+    g.add_argument("--gap-range", type=float, nargs=2, metavar=("LO", "HI"), default=None)
+    g.add_argument("--seed", type=int, default=0, help="seed of --strategy random")
+    p.add_argument("--output", required=True, help="output folder or s3:// URI")
+    p.add_argument("--scores-output", default=None,
+                   help="where scoring writes when --data is given (default: OUTPUT-scores)")
+    p.add_argument("--overwrite", action="store_true")
+    return p
+
+
+def score_config(args: argparse.Namespace, output: str | None = None):
+    from prefsel.score_job import ScoreJobConfig
+
+    return ScoreJobConfig(
+        policy=args.policy, reference=args.reference, data=args.data, output=output or args.output,
+        tokenizer=args.tokenizer, format=args.format, split=args.split, chat_template=args.chat_template,
+        max_length=args.max_length, truncation=args.truncation, beta=args.beta, num_actors=args.num_actors,
+        gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor, dtype=args.dtype,
+        max_tokens_per_batch=args.max_tokens_per_batch, padding_side=args.padding_side,
+        rows_per_actor_call=args.rows_per_actor_call, chunk_rows=args.chunk_rows,
+        attn_implementation=args.attn_implementation, trust_remote_code=args.trust_remote_code,
+        overwrite=args.overwrite,
+    )
+
+
+def cmd_score(args: argparse.Namespace) -> dict:
+    from prefsel.score_job import run_score
+    from prefsel.summary import print_summary
+
+    summary = run_score(score_config(args))
+    print_summary("prefsel score", summary)
+    return summary
+
+
+def cmd_select(args: argparse.Namespace) -> dict:
+    from prefsel.selection import SelectConfig, run_select
+    from prefsel.summary import print_summary
+
+    if args.scores and args.data:
+        raise SystemExit("prefsel select: give either --scores or --data (with --policy/--reference), not both")
+    if not args.scores:
+        if not (args.data and args.policy and args.reference):
+            raise SystemExit("prefsel select: needs --scores, or --data with --policy and --reference")
+        from prefsel.score_job import run_score
+
+        scores_out = args.scores_output or args.output.rstrip("/") + "-scores"
+        print_summary("prefsel score", run_score(score_config(args, output=scores_out)))
+        args.scores = scores_out
+    cfg = SelectConfig(
+        scores=args.scores, output=args.output, ratio=args.ratio, top_k=args.top_k, strategy=args.strategy,
+        gap_range=tuple(args.gap_range) if args.gap_range else None, seed=args.seed, overwrite=args.overwrite,
+    )
+    summary = run_select(cfg)
+    print_summary("prefsel select", summary)
+    return summary
+
+
+def demo_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = p or argparse.ArgumentParser(prog="prefsel demo")
+    p.add_argument("--output", default="runs/demo", help="where models, scores and the selection go")
+    p.add_argument("--ratio", type=float, default=0.1)
+    p.add_argument("--overwrite", action="store_true", default=True)
+    return p
+
+
+def cmd_demo(args: argparse.Namespace) -> dict:
+    """The embedded default: tiny local models, the bundled pairs, score and select."""
+    from prefsel.demo_data import demo_pairs_path
+    from prefsel.tiny import build_tiny_pair
+
+    out = Path(args.output)
+    policy, reference = build_tiny_pair(out / "models")
+    ns = select_parser().parse_args([
+        "--policy", policy, "--reference", reference, "--data", demo_pairs_path(),
+        "--output", str(out / "selected"), "--scores-output", str(out / "scores"),
+        "--ratio", str(args.ratio), "--chunk-rows", "64", "--overwrite",
+    ])
+    return cmd_select(ns)
+
+
+COMMANDS = {
+    "score": (score_parser, cmd_score, "score pairs by DPO implicit reward gap (Ray Data)"),
+    "select": (select_parser, cmd_select, "keep the hardest fraction of scored pairs"),
+    "demo": (demo_parser, cmd_demo, "run the embedded default on tiny local models"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prefsel", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (make, _, help_) in COMMANDS.items():
+        make(sub.add_parser(name, help=help_, description=help_))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command][1](args)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"prefsel {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run_entry(command: str, argv: list[str] | None = None) -> int:
+    """Entry for ray_jobs/: the same parser and code as `prefsel COMMAND`."""
+    return main([command, *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

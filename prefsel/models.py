@@ -1,0 +1,84 @@
+"""Loading models and tokenizers with transformers, from a local folder or a hub name."""
+
+from __future__ import annotations
+
+import torch
+
+DTYPES = {
+    "auto": "auto",
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "float64": torch.float64,
+}
+
+
+def resolve_device(device: str | None = None) -> torch.device:
+    """`auto` (or None) picks the visible GPU when there is one, else the CPU."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device):
+    """`auto` means bf16 on GPU and float32 on CPU (CPU bf16 matmuls are slow and inexact)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[dtype]
+
+
+def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, revision: str | None = None):
+    """A tokenizer with a pad token (EOS stands in when the model has none)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, revision=revision)
+    if tok.pad_token_id is None:
+        if tok.eos_token_id is None:
+            raise ValueError(f"{name_or_path}: tokenizer has neither a pad nor an EOS token")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(
+    name_or_path: str,
+    *,
+    dtype: str = "auto",
+    device: str | None = None,
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+    revision: str | None = None,
+):
+    """An eval-mode causal LM on `device`, weights in `dtype`, gradients off."""
+    from transformers import AutoModelForCausalLM
+
+    dev = resolve_device(device)
+    kwargs = {}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(
+        name_or_path,
+        dtype=resolve_dtype(dtype, dev),
+        trust_remote_code=trust_remote_code,
+        revision=revision,
+        **kwargs,
+    )
+    model.to(dev).eval()
+    model.requires_grad_(False)
+    return model
+
+
+def check_same_vocab(tokenizer, *models) -> None:
+    """Policy and reference must share the tokenizer's vocabulary, or their log-probs disagree."""
+    n = len(tokenizer)
+    for m in models:
+        size = m.get_output_embeddings().weight.shape[0]
+        if size < n:
+            raise ValueError(
+                f"model {m.config.name_or_path or type(m).__name__} has {size} output tokens but the "
+                f"tokenizer has {n}: policy and reference must use the same tokenizer"
+            )

@@ -1,0 +1,151 @@
+"""A run's output folder: shards per input chunk, a manifest, atomic completion.
+
+Layout of OUTPUT:
+    manifest.json          what produced it (fingerprint) and whether it is complete
+    scores/part-NNNNNN.parquet   one shard per input chunk (rows sorted by row_id)
+    rejects/part-NNNNNN.jsonl    rejected rows of that chunk, with reasons
+    summary.json
+
+While running, a local run writes into OUTPUT.partial/ and renames it to OUTPUT at the end, so a
+crashed run never leaves what looks like a complete output. On object storage (no rename) the
+run writes in place and `manifest.json` says `"complete": true` only at the end; readers check it.
+Each shard is written under a temporary name and then moved, so a shard that exists is whole:
+a rerun of the same command skips those chunks (resume); a different input, model or setting
+with the same output path is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import uuid
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pyarrow import fs as pafs
+
+from prefsel.sources import filesystem_for
+
+MANIFEST = "manifest.json"
+SUMMARY = "summary.json"
+
+
+def _is_local(fs: pafs.FileSystem) -> bool:
+    return isinstance(fs, pafs.LocalFileSystem)
+
+
+def write_text(fs: pafs.FileSystem, path: str, text: str) -> None:
+    """Write a whole file under a temporary name, then move it into place."""
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with fs.open_output_stream(tmp) as f:
+        f.write(text.encode("utf-8"))
+    fs.move(tmp, path)
+
+
+def read_json(fs: pafs.FileSystem, path: str) -> Any:
+    with fs.open_input_stream(path) as f:
+        return json.loads(f.read())
+
+
+def exists(fs: pafs.FileSystem, path: str) -> bool:
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+class RunOutput:
+    """Shards, manifest and completion of one output folder (local path or s3:// / gs:// URI)."""
+
+    def __init__(
+        self,
+        output: str,
+        fingerprint: dict,
+        *,
+        kind: str,
+        overwrite: bool = False,
+        subdirs: tuple[str, ...] = ("scores", "rejects"),
+    ) -> None:
+        self.uri = output.rstrip("/")
+        self.fs, self.final = filesystem_for(self.uri)
+        self.local = _is_local(self.fs)
+        self.dir = f"{self.final}.partial" if self.local else self.final
+        self.fingerprint = fingerprint
+        self.kind = kind
+        manifest_final = posixpath.join(self.final, MANIFEST)
+        if exists(self.fs, self.final) and (self.local or exists(self.fs, manifest_final)):
+            done = self.local or read_json(self.fs, manifest_final).get("complete", False)
+            if done and not overwrite:
+                raise FileExistsError(f"{self.uri} already exists; pass --overwrite to replace it")
+            if done:
+                self.fs.delete_dir(self.final)
+        manifest = posixpath.join(self.dir, MANIFEST)
+        if exists(self.fs, manifest):
+            old = read_json(self.fs, manifest)
+            if old.get("fingerprint") != fingerprint and not overwrite:
+                raise FileExistsError(
+                    f"{self.uri} holds an unfinished run of a different input, model or setting; "
+                    "pass --overwrite to discard it, or choose another --output"
+                )
+            if old.get("fingerprint") != fingerprint:
+                self.fs.delete_dir(self.dir)
+        for sub in ("", *subdirs):
+            self.fs.create_dir(posixpath.join(self.dir, sub) if sub else self.dir, recursive=True)
+        if not exists(self.fs, manifest):
+            self._write_manifest(complete=False)
+
+    def _write_manifest(self, complete: bool, extra: dict | None = None) -> None:
+        body = {"kind": self.kind, "complete": complete, "fingerprint": self.fingerprint, **(extra or {})}
+        write_text(self.fs, posixpath.join(self.dir, MANIFEST), json.dumps(body, indent=2))
+
+    def shard_path(self, chunk_id: int) -> str:
+        return posixpath.join(self.dir, "scores", f"part-{chunk_id:06d}.parquet")
+
+    def rejects_path(self, chunk_id: int) -> str:
+        return posixpath.join(self.dir, "rejects", f"part-{chunk_id:06d}.jsonl")
+
+    def done_chunks(self) -> set[int]:
+        sel = self.fs.get_file_info(pafs.FileSelector(posixpath.join(self.dir, "scores"), allow_not_found=True))
+        done = set()
+        for info in sel:
+            name = posixpath.basename(info.path)
+            if name.startswith("part-") and name.endswith(".parquet"):
+                done.add(int(name[5:11]))
+        return done
+
+    def write_chunk(self, chunk_id: int, scores: pa.Table, rejects: list[dict]) -> None:
+        """Rejects first, then the shard: a shard that exists means its chunk is complete."""
+        rpath = self.rejects_path(chunk_id)
+        if rejects:
+            write_text(self.fs, rpath, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects))
+        elif exists(self.fs, rpath):
+            self.fs.delete_file(rpath)
+        path = self.shard_path(chunk_id)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        with self.fs.open_output_stream(tmp) as f:
+            pq.write_table(scores, f)
+        self.fs.move(tmp, path)
+
+    def path(self, name: str) -> str:
+        """Where a file of this output goes while the run is in progress."""
+        return posixpath.join(self.dir, name)
+
+    def finalize(self, summary: dict) -> str:
+        """Write the summary and mark complete; locally, rename OUTPUT.partial to OUTPUT."""
+        write_text(self.fs, posixpath.join(self.dir, SUMMARY), json.dumps(summary, indent=2))
+        self._write_manifest(complete=True, extra={"summary": SUMMARY})
+        if self.local:
+            self.fs.move(self.dir, self.final)
+        return self.uri
+
+
+def check_complete(uri: str) -> dict:
+    """The manifest of a finished output, or a clear error for a partial or foreign folder."""
+    fs, path = filesystem_for(uri.rstrip("/"))
+    mpath = posixpath.join(path, MANIFEST)
+    if not exists(fs, mpath):
+        if exists(fs, f"{path}.partial"):
+            raise ValueError(f"{uri} is an unfinished run ({path}.partial); rerun the command to resume it")
+        raise FileNotFoundError(f"{uri}: no {MANIFEST}; not a prefsel output")
+    manifest = read_json(fs, mpath)
+    if not manifest.get("complete"):
+        raise ValueError(f"{uri} is an unfinished run; rerun the command to resume it")
+    return manifest

@@ -1,0 +1,136 @@
+"""Pair scoring with a policy and a reference model: token-budget batches, both models, gaps.
+
+Pure torch (no Ray): the Ray Data actor, the Serve deployment and the benchmarks call this.
+A pair's score depends only on its own tokens: chosen and rejected sequences from all pairs
+are pooled, sorted by length and cut into batches by a token budget; pads are masked and never
+summed, so batch-mates, batch size and padding side change nothing (up to float rounding).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from prefsel.gap import DEFAULT_BETA, reward_gap
+from prefsel.logprobs import (
+    DEFAULT_CHUNK_TOKENS,
+    collate_sequences,
+    plan_token_batches,
+    response_logprobs,
+)
+from prefsel.tokenization import TokenizedExample
+
+SCORE_COLUMNS = (
+    "chosen_logp",
+    "rejected_logp",
+    "chosen_ref_logp",
+    "rejected_ref_logp",
+    "chosen_reward",
+    "rejected_reward",
+    "gap",
+    "chosen_tokens",
+    "rejected_tokens",
+    "prompt_tokens",
+)
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """How pairs are scored. Defaults follow the selection paper (beta 0.1)."""
+
+    beta: float = DEFAULT_BETA
+    max_tokens_per_batch: int = 16384
+    max_batch_size: int | None = None
+    padding_side: str = "right"
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+
+    def __post_init__(self) -> None:
+        if not (self.beta > 0 and math.isfinite(self.beta)):
+            raise ValueError(f"beta must be a positive number, got {self.beta}")
+        if self.max_tokens_per_batch < 1:
+            raise ValueError("max_tokens_per_batch must be positive")
+        if self.padding_side not in ("left", "right"):
+            raise ValueError("padding_side must be 'left' or 'right'")
+
+
+@torch.inference_mode()
+def sequences_logprobs(
+    models: Sequence[torch.nn.Module],
+    prompts: Sequence[Sequence[int]],
+    responses: Sequence[Sequence[int]],
+    pad_token_id: int,
+    config: ScoreConfig,
+    device: torch.device | str | None = None,
+) -> list[list[float]]:
+    """Summed response log-probs of each (prompt, response) under each model.
+
+    Every model forwards the same token-budget batch. Returns one list of floats per model.
+    """
+    lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
+    out = [[0.0] * len(lengths) for _ in models]
+    for batch in plan_token_batches(lengths, config.max_tokens_per_batch, config.max_batch_size):
+        ids, attn, resp = collate_sequences(
+            [prompts[i] for i in batch],
+            [responses[i] for i in batch],
+            pad_token_id,
+            config.padding_side,
+            device,
+        )
+        for m, model in enumerate(models):
+            lp = response_logprobs(model, ids, attn, resp, chunk_tokens=config.chunk_tokens)
+            for j, v in zip(batch, lp.tolist()):
+                out[m][j] = v
+    return out
+
+
+class PairScorer:
+    """Holds a policy and a reference model and scores tokenized pairs by their reward gap."""
+
+    def __init__(
+        self,
+        policy: torch.nn.Module,
+        reference: torch.nn.Module,
+        pad_token_id: int,
+        config: ScoreConfig | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        self.policy = policy.eval()
+        self.reference = reference.eval()
+        self.pad_token_id = pad_token_id
+        self.config = config or ScoreConfig()
+        self.device = device
+
+    def score(self, pairs: Sequence[TokenizedExample], beta: float | None = None) -> list[dict]:
+        """One dict of SCORE_COLUMNS per pair, in input order."""
+        beta = self.config.beta if beta is None else beta
+        prompts, responses = [], []
+        for p in pairs:
+            prompts += [p.prompt_ids, p.prompt_ids]
+            responses += [p.chosen_ids, p.rejected_ids]
+        if not pairs:
+            return []
+        pol, ref = sequences_logprobs(
+            [self.policy, self.reference], prompts, responses, self.pad_token_id, self.config, self.device
+        )
+        results = []
+        for k, p in enumerate(pairs):
+            c, r = 2 * k, 2 * k + 1
+            cr, rr, gap = reward_gap(pol[c], pol[r], ref[c], ref[r], beta)
+            results.append(
+                {
+                    "chosen_logp": pol[c],
+                    "rejected_logp": pol[r],
+                    "chosen_ref_logp": ref[c],
+                    "rejected_ref_logp": ref[r],
+                    "chosen_reward": cr,
+                    "rejected_reward": rr,
+                    "gap": gap,
+                    "chosen_tokens": len(p.chosen_ids),
+                    "rejected_tokens": len(p.rejected_ids),
+                    "prompt_tokens": len(p.prompt_ids),
+                }
+            )
+        return results

@@ -1,0 +1,165 @@
+"""Turn canonical examples into token ids: prompt and each response tokenized separately.
+
+Why separately: tokenizing prompt+response as one string lets BPE merge across the join, and
+then no token boundary matches the prompt/response boundary (the published script's fault).
+Here the prompt ids and the response ids are produced on their own and concatenated as ids, so
+the scored tokens are exactly the response's. Rules:
+
+- a chat template is applied when the data is conversational and the tokenizer has one
+  (`chat_template="auto"`), never (`"none"`), or always with a template read from a file;
+- exactly one BOS, at the start, when the tokenizer uses one (templates that write BOS into the
+  text do not produce a second);
+- the response ends with EOS unless the template already closes the turn with a special token;
+- over-long rows are rejected, or with `truncation="prompt-left"` lose prompt tokens from the
+  left; the response is never cut.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from prefsel.formats import Example, RowError
+
+TRUNCATION_MODES = ("reject", "prompt-left")
+
+
+@dataclass(frozen=True)
+class TokenizedExample:
+    """Token ids of one example: the prompt once, and each response (chosen first for pairs)."""
+
+    prompt_ids: list[int]
+    response_ids: list[list[int]]
+
+    @property
+    def chosen_ids(self) -> list[int]:
+        return self.response_ids[0]
+
+    @property
+    def rejected_ids(self) -> list[int]:
+        return self.response_ids[1]
+
+
+def _plain_prompt_from_messages(msgs: list[dict]) -> str:
+    """Plain-text rendering for conversational data scored without a template (HH-RLHF style)."""
+    names = {"system": "System", "user": "Human", "assistant": "Assistant", "tool": "Tool"}
+    return "".join(f"\n\n{names[m['role']]}: {m['content']}" for m in msgs) + "\n\nAssistant:"
+
+
+class PairTokenizer:
+    """Encodes examples for scoring and training, with the rules in the module docstring."""
+
+    def __init__(
+        self,
+        tokenizer,
+        chat_template: str = "auto",
+        max_length: int | None = None,
+        truncation: str = "reject",
+    ) -> None:
+        if truncation not in TRUNCATION_MODES:
+            raise ValueError(f"truncation must be one of {TRUNCATION_MODES}, got {truncation!r}")
+        if max_length is not None and max_length < 2:
+            raise ValueError("max_length must be at least 2")
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.truncation = truncation
+        self.mode = chat_template
+        self.template: str | None
+        if chat_template == "auto":
+            self.template = getattr(tokenizer, "chat_template", None) or None
+        elif chat_template == "none":
+            self.template = None
+        else:
+            path = Path(chat_template)
+            if not path.is_file():
+                raise ValueError(f"--chat-template: expected auto, none or a file, got {chat_template!r}")
+            self.template = path.read_text()
+        bos = tokenizer.bos_token_id
+        probe = tokenizer("a", add_special_tokens=True)["input_ids"]
+        # Only tokenizers that add BOS themselves (Llama, Mistral) get one; Qwen/GPT-2 do not.
+        self.bos_id: int | None = bos if bos is not None and probe[:1] == [bos] else None
+        self.eos_id: int | None = tokenizer.eos_token_id
+        self.special_ids = set(tokenizer.all_special_ids)
+
+    def uses_template(self, ex: Example) -> bool:
+        if self.template is None:
+            return False
+        return self.mode != "auto" or ex.conversational
+
+    def _ids(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _render(self, msgs: list[dict], generation_prompt: bool) -> str:
+        return self.tokenizer.apply_chat_template(
+            msgs, chat_template=self.template, tokenize=False, add_generation_prompt=generation_prompt
+        )
+
+    def _with_bos(self, ids: list[int]) -> list[int]:
+        bos = self.bos_id if self.bos_id is not None else self.tokenizer.bos_token_id
+        start = 0
+        while start < len(ids) and bos is not None and ids[start] == bos:
+            start += 1
+        had_bos = start > 0
+        ids = ids[start:]
+        if self.bos_id is not None or had_bos:
+            ids = [bos, *ids]
+        return ids
+
+    def encode(self, ex: Example) -> TokenizedExample:
+        """Token ids for the prompt and each response; raises RowError for unusable rows."""
+        if self.uses_template(ex):
+            msgs = ex.prompt_messages or [{"role": "user", "content": ex.prompt_text or ""}]
+            prompt_str = self._render(msgs, True)
+            prompt_ids = self._with_bos(self._ids(prompt_str))
+            responses = []
+            for i, resp in enumerate(ex.responses):
+                full = self._render([*msgs, {"role": "assistant", "content": resp.strip()}], False)
+                if not full.startswith(prompt_str):
+                    raise RowError(
+                        f"chat template: the conversation with response {i} does not start with "
+                        "the rendered prompt; cannot find the response boundary"
+                    )
+                ids = self._ids(full[len(prompt_str) :])
+                if self.eos_id is not None and not self.special_ids.intersection(ids):
+                    ids.append(self.eos_id)
+                responses.append(ids)
+        else:
+            if ex.prompt_text is not None:
+                prompt_str = ex.prompt_text
+                texts = list(ex.responses)
+            else:
+                prompt_str = _plain_prompt_from_messages(ex.prompt_messages or [])
+                texts = [" " + r.strip() for r in ex.responses]
+            prompt_ids = self._with_bos(self._ids(prompt_str))
+            responses = []
+            for t in texts:
+                ids = self._ids(t)
+                if self.eos_id is not None and (not ids or ids[-1] != self.eos_id):
+                    ids.append(self.eos_id)
+                responses.append(ids)
+        names = ["chosen", "rejected"] if len(responses) == 2 else [f"responses[{i}]" for i in range(len(responses))]
+        for name, ids in zip(names, responses):
+            if not ids:
+                raise RowError(f"field '{name}': no tokens")
+        if not prompt_ids:
+            raise RowError("field 'prompt': no tokens (the first response token would have no context)")
+        return self._fit(prompt_ids, responses, names)
+
+    def _fit(self, prompt_ids: list[int], responses: list[list[int]], names: list[str]) -> TokenizedExample:
+        if self.max_length is None:
+            return TokenizedExample(prompt_ids, responses)
+        longest = max(len(r) for r in responses)
+        if len(prompt_ids) + longest <= self.max_length:
+            return TokenizedExample(prompt_ids, responses)
+        which = names[max(range(len(responses)), key=lambda i: len(responses[i]))]
+        detail = (
+            f"prompt {len(prompt_ids)} + {which} {longest} = {len(prompt_ids) + longest} tokens "
+            f"> max_length {self.max_length}"
+        )
+        if self.truncation == "reject":
+            raise RowError(f"field '{which}': too long: {detail}")
+        head = prompt_ids[:1] if self.bos_id is not None else []
+        keep = self.max_length - longest - len(head)
+        if keep < 1:
+            raise RowError(f"field '{which}': response alone too long to fit: {detail}")
+        return TokenizedExample(head + prompt_ids[len(head) :][-keep:], responses)
