@@ -150,19 +150,56 @@ COMMANDS = {
     "demo": (demo_parser, cmd_demo, "run the embedded default on tiny local models"),
 }
 
+# Subcommands that live in their own modules: each module defines
+# `add_arguments(parser)` and `run(args) -> dict | None`. Imported only when used.
+PLUGIN_COMMANDS = {
+    "train": ("prefsel.train.cli", "train DPO / HPS / reward models (Ray Train + DeepSpeed)"),
+    "serve": ("serve.run", "serve gap scoring over HTTP (Ray Serve)"),
+    "generate": ("prefsel.generation.cli_generate", "generate many responses per prompt (vLLM or HF)"),
+    "annotate": ("prefsel.generation.cli_annotate", "score responses with a reward model"),
+    "to-pairs": ("prefsel.generation.cli_to_pairs", "turn multi-response rows into preference pairs"),
+}
+
+
+def _plugin(name: str):
+    import importlib
+
+    return importlib.import_module(PLUGIN_COMMANDS[name][0])
+
+
+def _available_plugins() -> list[str]:
+    import importlib.util
+
+    out = []
+    for name, (module, _) in PLUGIN_COMMANDS.items():
+        try:
+            if importlib.util.find_spec(module) is not None:
+                out.append(name)
+        except ModuleNotFoundError:
+            pass
+    return out
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prefsel", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (make, _, help_) in COMMANDS.items():
         make(sub.add_parser(name, help=help_, description=help_))
+    for name in _available_plugins():
+        module = _plugin(name)
+        if hasattr(module, "add_arguments"):
+            help_ = PLUGIN_COMMANDS[name][1]
+            module.add_arguments(sub.add_parser(name, help=help_, description=help_))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        COMMANDS[args.command][1](args)
+        if args.command in COMMANDS:
+            COMMANDS[args.command][1](args)
+        else:
+            _plugin(args.command).run(args)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"prefsel {args.command}: error: {e}", file=sys.stderr)
         return 2

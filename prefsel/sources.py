@@ -14,6 +14,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import posixpath
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,7 +67,16 @@ class SourcePlan:
 
 
 def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path) for a local path or an s3:// / gs:// URI."""
+    """(filesystem, path) for a local path or an s3:// / gs:// URI.
+
+    Object storage goes through pyarrow's own file systems, configured the standard way:
+    credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or the
+    instance's role), AWS_DEFAULT_REGION, and for an S3-compatible store (MinIO, moto, R2)
+    AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL, e.g. http://127.0.0.1:9000 (pyarrow >= 15 reads
+    them; the scheme of the URL picks http or https). Google Cloud Storage uses the default
+    Google credentials. Ray workers read chunks too: on a cluster they need the same variables
+    (a job's runtime_env `env_vars`, or the nodes' own environment).
+    """
     if "://" in uri:
         return pafs.FileSystem.from_uri(uri)
     return pafs.LocalFileSystem(), os.path.abspath(uri)
@@ -94,6 +104,19 @@ def _is_hf_disk(fs: pafs.FileSystem, path: str) -> bool:
     return all(i.type == pafs.FileType.File for i in info)
 
 
+def _prefsel_output_kind(fs: pafs.FileSystem, path: str) -> str | None:
+    """`selection` / `scores` for a finished prefsel output folder, else None."""
+    mpath = posixpath.join(path, "manifest.json")
+    if fs.get_file_info(mpath).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(mpath) as f:
+        try:
+            manifest = json.loads(f.read())
+        except json.JSONDecodeError:
+            return None
+    return manifest.get("kind") if isinstance(manifest, dict) else None
+
+
 def _list_files(data: str) -> tuple[pafs.FileSystem, list[str], str]:
     fs, path = filesystem_for(data)
     if any(ch in path for ch in "*?["):
@@ -109,6 +132,13 @@ def _list_files(data: str) -> tuple[pafs.FileSystem, list[str], str]:
     if info.type == pafs.FileType.Directory:
         if _is_hf_disk(fs, path):
             return fs, [path], "hf_disk"
+        prefsel_kind = _prefsel_output_kind(fs, path)
+        if prefsel_kind == "selection":  # a `prefsel select` output: its data is selected.*
+            files = [i.path for i in fs.get_file_info(pafs.FileSelector(path))
+                     if posixpath.basename(i.path).startswith("selected.") and _kind_of(i.path)]
+            return fs, sorted(files), "folder"
+        if prefsel_kind == "scores":
+            path = posixpath.join(path, "scores")
         sel = fs.get_file_info(pafs.FileSelector(path, recursive=True))
         files = sorted(
             i.path
