@@ -11,6 +11,7 @@ A row that cannot be used raises RowError with a reason that names the field.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,13 @@ class Example:
     rewards: list[float] | None = None
     conversational: bool = False
     extras: dict[str, Any] = field(default_factory=dict)
+    multi: bool = False  # responses of a multi-response row (named responses[i], not chosen/rejected)
+
+    @property
+    def response_names(self) -> list[str]:
+        if not self.multi and len(self.responses) == 2:
+            return ["chosen", "rejected"]
+        return [f"responses[{i}]" for i in range(len(self.responses))]
 
     @property
     def chosen(self) -> str:
@@ -162,8 +170,8 @@ def _conversation(row: dict) -> Example:
     )
 
 
-def parse_hh_turns(text: str) -> list[dict]:
-    """Split HH-RLHF text ("\\n\\nHuman: ..\\n\\nAssistant: ..") into messages."""
+def parse_hh_turns(text: str, name: str = "chosen") -> list[dict]:
+    """Split HH-RLHF text ("\\n\\nHuman: ..\\n\\nAssistant: ..") into messages; `name` is the field."""
     msgs: list[dict] = []
     rest = text
     while rest:
@@ -175,7 +183,7 @@ def parse_hh_turns(text: str) -> list[dict]:
         if msgs:
             msgs[-1]["content"] += rest[:i]
         elif rest[:i].strip():
-            raise RowError("HH text: content before the first Human/Assistant turn")
+            raise RowError(f"field '{name}': HH text has content before the first Human/Assistant turn")
         msgs.append({"role": "user" if tag == HH_HUMAN else "assistant", "content": ""})
         rest = rest[i + len(tag) :]
     if msgs:
@@ -229,10 +237,10 @@ def _multi(row: dict) -> Example:
         if not isinstance(rewards, list) or len(rewards) != len(out):
             raise RowError("field 'rewards': expected one number per response")
         for i, v in enumerate(rewards):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise RowError(f"field 'rewards[{i}]': expected a finite number, got {v!r}")
         rewards = [float(v) for v in rewards]
-    return Example(prompt_msgs, prompt_text, out, rewards, conversational=prompt_msgs is not None)
+    return Example(prompt_msgs, prompt_text, out, rewards, conversational=prompt_msgs is not None, multi=True)
 
 
 _PARSERS = {"pairs": _pairs, "conversation": _conversation, "hh": _hh, "multi": _multi}

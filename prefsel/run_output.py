@@ -12,6 +12,11 @@ run writes in place and `manifest.json` says `"complete": true` only at the end;
 Each shard is written under a temporary name and then moved, so a shard that exists is whole:
 a rerun of the same command skips those chunks (resume); a different input, model or setting
 with the same output path is refused.
+
+Object storage: OUTPUT may be s3://bucket/prefix (or gs://...); the file system comes from
+pyarrow (`prefsel.sources.filesystem_for`), configured by the usual environment variables
+(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE, AWS_DEFAULT_REGION, and
+AWS_ENDPOINT_URL or AWS_ENDPOINT_URL_S3 for an S3-compatible store such as MinIO).
 """
 
 from __future__ import annotations
@@ -128,8 +133,16 @@ class RunOutput:
         """Where a file of this output goes while the run is in progress."""
         return posixpath.join(self.dir, name)
 
+    def _remove_stale_tmp(self) -> None:
+        """Drop `*.tmp-XXXXXXXX` files a killed writer left behind (never read as data)."""
+        infos = self.fs.get_file_info(pafs.FileSelector(self.dir, recursive=True, allow_not_found=True))
+        for info in infos:
+            if info.type == pafs.FileType.File and ".tmp-" in posixpath.basename(info.path):
+                self.fs.delete_file(info.path)
+
     def finalize(self, summary: dict) -> str:
         """Write the summary and mark complete; locally, rename OUTPUT.partial to OUTPUT."""
+        self._remove_stale_tmp()
         write_text(self.fs, posixpath.join(self.dir, SUMMARY), json.dumps(summary, indent=2))
         self._write_manifest(complete=True, extra={"summary": SUMMARY})
         if self.local:

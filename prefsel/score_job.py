@@ -100,7 +100,7 @@ class ScoreJobConfig:
         return self.tokenizer or self.policy
 
 
-def _model_stamp(path: str) -> str:
+def model_stamp(path: str) -> str:
     """Identify a model by name, plus sizes and times of its files when it is a local folder."""
     p = Path(path)
     if not p.is_dir():
@@ -119,9 +119,9 @@ def fingerprint(cfg: ScoreJobConfig, files: list[str], fmt: str) -> dict:
     return {
         "data": files,
         "format": fmt,
-        "policy": _model_stamp(cfg.policy),
-        "reference": _model_stamp(cfg.reference),
-        "tokenizer": _model_stamp(cfg.tokenizer_path),
+        "policy": model_stamp(cfg.policy),
+        "reference": model_stamp(cfg.reference),
+        "tokenizer": model_stamp(cfg.tokenizer_path),
         **{k: getattr(cfg, k) for k in keep},
     }
 
@@ -131,7 +131,7 @@ def fingerprint(cfg: ScoreJobConfig, files: list[str], fmt: str) -> dict:
 _TOKENIZERS: dict = {}
 
 
-def _pair_tokenizer(path: str, chat_template: str, max_length, truncation: str, trust_remote_code: bool):
+def pair_tokenizer(path: str, chat_template: str, max_length, truncation: str, trust_remote_code: bool):
     from prefsel.models import load_tokenizer
     from prefsel.tokenization import PairTokenizer
 
@@ -142,7 +142,7 @@ def _pair_tokenizer(path: str, chat_template: str, max_length, truncation: str, 
     return _TOKENIZERS[key]
 
 
-def _chunk_from_row(row: dict) -> Chunk:
+def chunk_from_row(row: dict) -> Chunk:
     payload = None
     if row.get("payload"):
         payload = pa.ipc.open_stream(row["payload"]).read_all()
@@ -158,10 +158,10 @@ def prepare_batch(batch: pa.Table, *, fmt: str, schema_ipc: bytes | None, tok_ar
     from prefsel.sources import read_chunk
 
     schema = pa.ipc.read_schema(pa.py_buffer(schema_ipc)) if schema_ipc else None
-    tokenizer = _pair_tokenizer(**tok_args)
+    tokenizer = pair_tokenizer(**tok_args)
     cols: dict[str, list] = {name: [] for name in PREPARED_SCHEMA.names}
     for row in batch.to_pylist():
-        chunk = _chunk_from_row(row)
+        chunk = chunk_from_row(row)
         prepared = prepare_rows(read_chunk(chunk), fmt, tokenizer, schema, check_schema=chunk.kind in ("jsonl", "json"))
         for p in prepared:
             for name, value in p.as_dict().items():
@@ -281,7 +281,7 @@ def init_ray(num_cpus: int | None = None) -> None:
             ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
 
 
-def _chunk_rows_for_ray(chunks: list[Chunk]) -> list[dict]:
+def chunk_rows_for_ray(chunks: list[Chunk]) -> list[dict]:
     items = []
     for c in chunks:
         payload = b""
@@ -320,7 +320,7 @@ def run_score(cfg: ScoreJobConfig, *, console=None) -> dict:
         tok_args = dict(path=cfg.tokenizer_path, chat_template=cfg.chat_template, max_length=cfg.max_length,
                         truncation=cfg.truncation, trust_remote_code=cfg.trust_remote_code)
         schema_ipc = schema.serialize().to_pybytes() if plan.kind in ("jsonl", "json") else None
-        ds = ray.data.from_items(_chunk_rows_for_ray(todo), override_num_blocks=len(todo))
+        ds = ray.data.from_items(chunk_rows_for_ray(todo), override_num_blocks=len(todo))
         ds = ds.map_batches(
             prepare_batch, batch_size=1, batch_format="pyarrow", num_cpus=1,
             fn_kwargs=dict(fmt=fmt, schema_ipc=schema_ipc, tok_args=tok_args),

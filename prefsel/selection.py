@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
+from pyarrow import fs as pafs
 
 from prefsel.prepare import EXTRA_COLUMN
 from prefsel.run_output import SUMMARY, RunOutput, check_complete, read_json
@@ -109,7 +110,17 @@ def _scores_dataset(uri: str) -> tuple[pads.Dataset, dict]:
         raise ValueError(f"{uri} is a {manifest.get('kind')} output, not scores")
     fs, path = filesystem_for(uri.rstrip("/"))
     summary = read_json(fs, posixpath.join(path, SUMMARY))
-    return pads.dataset(posixpath.join(path, "scores"), format="parquet", filesystem=fs), summary
+    # Only whole shards (part-NNNNNN.parquet): a temporary file left by a killed writer, or the
+    # folder marker objects some object stores keep, are not data.
+    infos = fs.get_file_info(pafs.FileSelector(posixpath.join(path, "scores"), allow_not_found=True))
+    shards = sorted(
+        i.path for i in infos
+        if i.type == pafs.FileType.File and posixpath.basename(i.path).startswith("part-")
+        and i.path.endswith(".parquet")
+    )
+    if not shards:
+        raise ValueError(f"{uri}: no score shards under {uri.rstrip('/')}/scores")
+    return pads.dataset(shards, format="parquet", filesystem=fs), summary
 
 
 def _restore_records(table: pa.Table) -> list[dict]:

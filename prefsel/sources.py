@@ -104,8 +104,8 @@ def _is_hf_disk(fs: pafs.FileSystem, path: str) -> bool:
     return all(i.type == pafs.FileType.File for i in info)
 
 
-def _prefsel_output_kind(fs: pafs.FileSystem, path: str) -> str | None:
-    """`selection` / `scores` for a finished prefsel output folder, else None."""
+def _prefsel_manifest(fs: pafs.FileSystem, path: str) -> dict | None:
+    """The manifest of a prefsel output folder, else None."""
     mpath = posixpath.join(path, "manifest.json")
     if fs.get_file_info(mpath).type != pafs.FileType.File:
         return None
@@ -114,7 +114,25 @@ def _prefsel_output_kind(fs: pafs.FileSystem, path: str) -> str | None:
             manifest = json.loads(f.read())
         except json.JSONDecodeError:
             return None
-    return manifest.get("kind") if isinstance(manifest, dict) else None
+    return manifest if isinstance(manifest, dict) and "kind" in manifest else None
+
+
+def _prefsel_data(fs: pafs.FileSystem, path: str, data: str) -> tuple[str, list[str] | None]:
+    """Where the rows of a prefsel output live, so rejects and metadata are never read as data.
+
+    Returns (folder to list, or the explicit files of a selection).
+    """
+    manifest = _prefsel_manifest(fs, path)
+    if manifest is None:
+        return path, None
+    if not manifest.get("complete"):
+        raise ValueError(f"--data: {data!r} is an unfinished prefsel run; rerun it to finish")
+    if manifest["kind"] == "selection":
+        files = [i.path for i in fs.get_file_info(pafs.FileSelector(path))
+                 if posixpath.basename(i.path).startswith("selected.") and _kind_of(i.path)]
+        return path, sorted(files)
+    sub = manifest.get("data_dir") or ("scores" if manifest["kind"] == "scores" else None)
+    return (posixpath.join(path, sub) if sub else path), None
 
 
 def _list_files(data: str) -> tuple[pafs.FileSystem, list[str], str]:
@@ -132,13 +150,9 @@ def _list_files(data: str) -> tuple[pafs.FileSystem, list[str], str]:
     if info.type == pafs.FileType.Directory:
         if _is_hf_disk(fs, path):
             return fs, [path], "hf_disk"
-        prefsel_kind = _prefsel_output_kind(fs, path)
-        if prefsel_kind == "selection":  # a `prefsel select` output: its data is selected.*
-            files = [i.path for i in fs.get_file_info(pafs.FileSelector(path))
-                     if posixpath.basename(i.path).startswith("selected.") and _kind_of(i.path)]
-            return fs, sorted(files), "folder"
-        if prefsel_kind == "scores":
-            path = posixpath.join(path, "scores")
+        path, files = _prefsel_data(fs, path, data)
+        if files is not None:
+            return fs, files, "folder"
         sel = fs.get_file_info(pafs.FileSelector(path, recursive=True))
         files = sorted(
             i.path
@@ -150,17 +164,18 @@ def _list_files(data: str) -> tuple[pafs.FileSystem, list[str], str]:
         if not files:
             raise FileNotFoundError(f"--data: no .jsonl, .json or .parquet files under {data!r}")
         return fs, files, "folder"
-    return fs, [], "missing"
+    return fs, [path], "missing"
 
 
 def plan_source(data: str, chunk_rows: int = DEFAULT_CHUNK_ROWS, split: str = "train") -> SourcePlan:
     """List the input and cut it into chunks with global row ids (one cheap pass over JSON lines)."""
     fs, files, how = _list_files(data)
     if how == "missing":
-        if "://" in data or os.path.sep in data and os.path.exists(os.path.dirname(data) or "."):
-            if "://" in data or not _looks_like_hub_name(data):
-                raise FileNotFoundError(f"--data: {data!r} does not exist")
-        if not _looks_like_hub_name(data):
+        if fs.get_file_info(f"{files[0]}.partial").type == pafs.FileType.Directory:
+            raise ValueError(f"--data: {data!r} is an unfinished prefsel run; rerun it to finish")
+        # A name whose first folder exists here is a local path with a typo, not a hub dataset.
+        local_root = "://" not in data and os.path.isdir(data.split("/")[0] or "/")
+        if "://" in data or local_root or not _looks_like_hub_name(data):
             raise FileNotFoundError(f"--data: {data!r} does not exist")
         return _plan_hub(data, split, chunk_rows)
     if how == "hf_disk":

@@ -105,13 +105,29 @@ class PairTokenizer:
             ids = [bos, *ids]
         return ids
 
-    def encode(self, ex: Example) -> TokenizedExample:
-        """Token ids for the prompt and each response; raises RowError for unusable rows."""
+    def _prompt_text(self, ex: Example) -> str:
+        """The prompt as the model sees it: rendered by the template, or plain text."""
         if self.uses_template(ex):
             msgs = ex.prompt_messages or [{"role": "user", "content": ex.prompt_text or ""}]
-            prompt_str = self._render(msgs, True)
-            prompt_ids = self._with_bos(self._ids(prompt_str))
-            responses = []
+            return self._render(msgs, True)
+        if ex.prompt_text is not None:
+            return ex.prompt_text
+        return _plain_prompt_from_messages(ex.prompt_messages or [])
+
+    def encode_prompt(self, ex: Example) -> list[int]:
+        """The prompt's ids (template applied once, exactly one BOS), e.g. to generate from.
+
+        No max_length is applied here; `encode` applies it to prompt and responses together.
+        """
+        return self._with_bos(self._ids(self._prompt_text(ex)))
+
+    def encode(self, ex: Example) -> TokenizedExample:
+        """Token ids for the prompt and each response; raises RowError for unusable rows."""
+        prompt_str = self._prompt_text(ex)
+        prompt_ids = self._with_bos(self._ids(prompt_str))
+        responses = []
+        if self.uses_template(ex):
+            msgs = ex.prompt_messages or [{"role": "user", "content": ex.prompt_text or ""}]
             for i, resp in enumerate(ex.responses):
                 full = self._render([*msgs, {"role": "assistant", "content": resp.strip()}], False)
                 if not full.startswith(prompt_str):
@@ -124,20 +140,13 @@ class PairTokenizer:
                     ids.append(self.eos_id)
                 responses.append(ids)
         else:
-            if ex.prompt_text is not None:
-                prompt_str = ex.prompt_text
-                texts = list(ex.responses)
-            else:
-                prompt_str = _plain_prompt_from_messages(ex.prompt_messages or [])
-                texts = [" " + r.strip() for r in ex.responses]
-            prompt_ids = self._with_bos(self._ids(prompt_str))
-            responses = []
-            for t in texts:
-                ids = self._ids(t)
+            plain = ex.prompt_text is not None
+            for r in ex.responses:
+                ids = self._ids(r if plain else " " + r.strip())
                 if self.eos_id is not None and (not ids or ids[-1] != self.eos_id):
                     ids.append(self.eos_id)
                 responses.append(ids)
-        names = ["chosen", "rejected"] if len(responses) == 2 else [f"responses[{i}]" for i in range(len(responses))]
+        names = ex.response_names
         for name, ids in zip(names, responses):
             if not ids:
                 raise RowError(f"field '{name}': no tokens")

@@ -1,11 +1,11 @@
-"""`ray job submit ... -- python ray_jobs/select.py ARGS`: the same flags as `prefsel select`.
+"""`ray job submit ... -- python ray_jobs/select.py ARGS`: the same flags and code as `prefsel select`."""
 
-Exits non-zero on failure, so `ray job status` tells the truth.
-"""
-
+import os
+import runpy
 import sys
 
-from prefsel.cli import run_entry
+# Loaded by path: importing a sibling module would need ray_jobs/ on sys.path (see _entry.py).
+run = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "_entry.py"))["run"]
 
 if __name__ == "__main__":
-    sys.exit(run_entry("select"))
+    sys.exit(run("select"))

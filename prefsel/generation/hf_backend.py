@@ -1,0 +1,156 @@
+"""The `hf` generation backend: transformers `generate` with per-sample seeded sampling (no Ray here).
+
+Sampling is done by `SeededSampler`, a logits processor that draws each sequence's next token from
+its own torch.Generator (seeded by `sample_seed(seed, row_id, k)`) after temperature and top-p,
+and hands `generate` a one-hot score so greedy decoding takes exactly that token. A sample thus
+depends on its own seed, not on the global RNG or on which other sequences share its batch.
+Stopping on EOS, left padding and the KV cache are transformers' own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from prefsel.logprobs import plan_token_batches
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    num_samples: int = 4
+    temperature: float = 0.9
+    top_p: float = 1.0
+    max_tokens: int = 256
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 1:
+            raise ValueError("--num-samples must be at least 1")
+        if self.temperature < 0:
+            raise ValueError("--temperature must be >= 0 (0 means greedy)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("--top-p must be in (0, 1]")
+        if self.max_tokens < 1:
+            raise ValueError("--max-tokens must be at least 1")
+
+
+def _filtered_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """Probabilities (float64) after temperature and nucleus filtering, for one row."""
+    logits = logits.double()
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        cum = sorted_p.cumsum(-1)
+        drop = cum - sorted_p >= top_p  # keep the smallest prefix reaching top_p (always >= 1)
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return probs / probs.sum()
+
+
+class SeededSampler:
+    """LogitsProcessor: picks each row's token with its own generator; returns one-hot scores."""
+
+    def __init__(self, seeds: Sequence[int], temperature: float, top_p: float) -> None:
+        self.temperature = temperature
+        self.top_p = top_p
+        self.generators = []
+        for s in seeds:
+            g = torch.Generator(device="cpu")
+            g.manual_seed(int(s))
+            self.generators.append(g)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        out = torch.full_like(scores, float("-inf"))
+        for i, g in enumerate(self.generators):
+            row = scores[i].float().cpu()
+            if self.temperature == 0:
+                tok = int(row.argmax())
+            else:
+                probs = _filtered_probs(row, self.temperature, self.top_p)
+                u = torch.rand((), generator=g, dtype=torch.float64)  # one draw per step
+                cdf = probs.cumsum(-1)
+                tok = int(torch.searchsorted(cdf, u * cdf[-1], right=True).clamp(max=probs.numel() - 1))
+                while probs[tok] == 0 and tok > 0:  # round-off at the CDF's end
+                    tok -= 1
+            out[i, tok] = 0.0
+        return out
+
+
+@dataclass
+class SampleRequest:
+    key: tuple  # (row_id, sample_index) or anything the caller uses to match results
+    prompt_ids: list[int]
+    seed: int
+
+
+@dataclass
+class SampleResult:
+    key: tuple
+    token_ids: list[int]  # generated tokens, EOS excluded
+    text: str
+    finished: bool  # stopped on EOS (False: hit max_tokens)
+    error: str | None = None
+
+
+def eos_ids(tokenizer, model=None) -> list[int]:
+    """Token ids that end a response: the tokenizer's EOS and the model's generation EOS ids."""
+    ids: list[int] = []
+    if tokenizer.eos_token_id is not None:
+        ids.append(int(tokenizer.eos_token_id))
+    gc = getattr(model, "generation_config", None) if model is not None else None
+    extra = getattr(gc, "eos_token_id", None)
+    for e in [extra] if isinstance(extra, int) else (extra or []):
+        if int(e) not in ids:
+            ids.append(int(e))
+    return ids
+
+
+def generate_samples(
+    model,
+    tokenizer,
+    requests: Sequence[SampleRequest],
+    cfg: SamplingConfig,
+    *,
+    max_tokens_per_batch: int = 16384,
+    max_batch_size: int | None = 64,
+    device: torch.device | str = "cpu",
+) -> list[SampleResult]:
+    """Generate one sample per request; results in request order. A failing batch gives errors."""
+    from transformers import GenerationConfig
+
+    stop = eos_ids(tokenizer, model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
+    lengths = [len(r.prompt_ids) + cfg.max_tokens for r in requests]
+    results: list[SampleResult | None] = [None] * len(requests)
+    for batch in plan_token_batches(lengths, max_tokens_per_batch, max_batch_size):
+        reqs = [requests[i] for i in batch]
+        width = max(len(r.prompt_ids) for r in reqs)
+        ids = torch.full((len(reqs), width), pad, dtype=torch.long)
+        attn = torch.zeros((len(reqs), width), dtype=torch.long)
+        for j, r in enumerate(reqs):  # left padding: every prompt ends at the same column
+            ids[j, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids, dtype=torch.long)
+            attn[j, width - len(r.prompt_ids):] = 1
+        gen_cfg = GenerationConfig(
+            do_sample=False, max_new_tokens=cfg.max_tokens, eos_token_id=stop, pad_token_id=pad,
+        )
+        try:
+            with torch.no_grad():
+                out = model.generate(
+                    input_ids=ids.to(device), attention_mask=attn.to(device), generation_config=gen_cfg,
+                    logits_processor=[SeededSampler([r.seed for r in reqs], cfg.temperature, cfg.top_p)],
+                )
+        except Exception as e:  # noqa: BLE001 - reported per row, the run goes on
+            msg = f"generation error: {type(e).__name__}: {e}"[:500]
+            for i, r in zip(batch, reqs):
+                results[i] = SampleResult(r.key, [], "", False, msg)
+            continue
+        new = out[:, width:].tolist()
+        for i, r, toks in zip(batch, reqs, new):
+            cut = next((k for k, t in enumerate(toks) if t in stop), None)
+            finished = cut is not None
+            toks = toks[:cut] if finished else toks
+            text = tokenizer.decode(toks, skip_special_tokens=True)
+            results[i] = SampleResult(r.key, toks, text, finished)
+    return results  # type: ignore[return-value]

@@ -1,0 +1,116 @@
+"""Output folders of generate / annotate / to-pairs: JSON-lines shards, rejects, manifest.
+
+Layout (the core's RunOutput, with JSON-lines data shards in a folder named by `data_dir`):
+    manifest.json          kind, fingerprint, complete, data_dir
+    multi/part-NNNNNN.jsonl    (generate, annotate) or pairs/part-NNNNNN.jsonl (to-pairs)
+    rejects/part-NNNNNN.jsonl  rejected rows with reasons
+    summary.json
+JSON lines because a prompt may be a string in one row and a message list in the next.
+Local runs write into OUTPUT.partial/ and rename at the end; each shard is written under a
+temporary name and moved, so a rerun resumes at the first missing shard.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from collections.abc import Iterator
+
+from pyarrow import fs as pafs
+
+from prefsel.run_output import MANIFEST, RunOutput, check_complete, exists, read_json, write_text
+from prefsel.sources import filesystem_for
+
+DATA_DIRS = {"generations": "multi", "multi": "multi", "pairs": "pairs"}
+
+
+def _dumps(obj) -> str:
+    from prefsel.prepare import dumps
+
+    return dumps(obj)
+
+
+class JsonlRunOutput(RunOutput):
+    """RunOutput whose data shards are JSON lines under `data_dir`/."""
+
+    def __init__(self, output: str, fingerprint: dict, *, kind: str, overwrite: bool = False) -> None:
+        self.data_dir = DATA_DIRS[kind]
+        super().__init__(output, fingerprint, kind=kind, overwrite=overwrite, subdirs=(self.data_dir, "rejects"))
+
+    def _write_manifest(self, complete: bool, extra: dict | None = None) -> None:
+        super()._write_manifest(complete, {"data_dir": self.data_dir, **(extra or {})})
+
+    def shard_path(self, chunk_id: int) -> str:
+        return posixpath.join(self.dir, self.data_dir, f"part-{chunk_id:06d}.jsonl")
+
+    def done_chunks(self) -> set[int]:
+        sel = self.fs.get_file_info(pafs.FileSelector(posixpath.join(self.dir, self.data_dir), allow_not_found=True))
+        return {
+            int(posixpath.basename(i.path)[5:11])
+            for i in sel
+            if posixpath.basename(i.path).startswith("part-") and i.path.endswith(".jsonl")
+        }
+
+    def write_rows(self, chunk_id: int, rows: list[dict], rejects: list[dict]) -> None:
+        """Rejects first, then the data shard (a shard that exists means its chunk is complete)."""
+        rpath = self.rejects_path(chunk_id)
+        if rejects:
+            write_text(self.fs, rpath, "".join(_dumps(r) + "\n" for r in rejects))
+        elif exists(self.fs, rpath):
+            self.fs.delete_file(rpath)
+        write_text(self.fs, self.shard_path(chunk_id), "".join(_dumps(r) + "\n" for r in rows))
+
+    def count(self) -> dict:
+        """Rows, responses and reject reasons actually written (summaries count the output)."""
+        from collections import Counter
+
+        from prefsel.summary import _reason_kind
+
+        rows = responses = 0
+        for rec in iter_jsonl(self.fs, posixpath.join(self.dir, self.data_dir)):
+            rows += 1
+            r = rec.get("responses")
+            responses += len(r) if isinstance(r, list) else 0
+        reasons: Counter = Counter()
+        for rec in iter_jsonl(self.fs, posixpath.join(self.dir, "rejects")):
+            reasons[_reason_kind(str(rec.get("reason", "")))] += 1
+        return {"rows_out": rows, "responses": responses, "rows_rejected": sum(reasons.values()),
+                "reject_reasons": dict(reasons.most_common())}
+
+
+def iter_jsonl(fs: pafs.FileSystem, folder: str) -> Iterator[dict]:
+    infos = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+    for info in sorted(infos, key=lambda i: i.path):
+        if not info.path.endswith(".jsonl"):
+            continue
+        with fs.open_input_stream(info.path) as f:
+            for line in f.read().decode("utf-8").splitlines():
+                if line.strip():
+                    yield json.loads(line)
+
+
+def resolve_data(uri: str) -> str:
+    """The data to read for --data: a finished prefsel generate/annotate/to-pairs output resolves
+    to its data folder (so its rejects are not read as data); anything else is returned as is."""
+    fs, path = filesystem_for(uri.rstrip("/"))
+    if fs.get_file_info(posixpath.join(path, MANIFEST)).type != pafs.FileType.File:
+        if exists(fs, f"{path}.partial") and not exists(fs, path):
+            check_complete(uri)  # raises: unfinished run
+        return uri
+    manifest = read_json(fs, posixpath.join(path, MANIFEST))
+    data_dir = manifest.get("data_dir") if isinstance(manifest, dict) else None
+    if not data_dir:
+        return uri
+    check_complete(uri)
+    return uri.rstrip("/") + "/" + data_dir
+
+
+def read_rows(uri: str) -> list[dict]:
+    """All data rows of a finished output (tests, small outputs)."""
+    fs, path = filesystem_for(resolve_data(uri))
+    return sorted(iter_jsonl(fs, path), key=lambda r: r.get("row_id", 0))
+
+
+def read_rejects(uri: str) -> list[dict]:
+    fs, path = filesystem_for(uri.rstrip("/"))
+    return sorted(iter_jsonl(fs, posixpath.join(path, "rejects")), key=lambda r: r.get("row_id", 0))

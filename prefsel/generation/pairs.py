@@ -1,0 +1,114 @@
+"""`prefsel to-pairs`: multi-response rows with rewards -> preference pairs (pure; no Ray).
+
+Strategies (choice made by prefsel.losses, the code the HPS trainer uses):
+  hps         chosen = best reward (ties: lowest index); rejected drawn among the others with
+              P(j) ∝ exp(gamma * r_j) (hps_sample_negative) — the HPS public code's pair
+              construction. gamma > 0 favours hard negatives, 0 is uniform, < 0 easy ones.
+              Seeded per row: rng = default_rng([seed, row_id]), so the pair of a row does not
+              depend on the order, sharding or the other rows.
+  best-worst  chosen = best, rejected = worst (ties: the last lowest among the non-best).
+Output rows: row_id, prompt (string or messages, as given), chosen, rejected, chosen_reward,
+rejected_reward, chosen_index, rejected_index, and the row's other fields — the `pairs`
+format that `prefsel score/select` and DPO training read.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from prefsel.formats import RowError, to_example
+from prefsel.losses import hps_sample_negative, hps_select_chosen
+
+STRATEGIES = ("hps", "best-worst")
+_DROP = ("row_id", "responses", "rewards", "response_tokens", "finished")
+
+
+def choose_pair(rewards, strategy: str, *, gamma: float = 1.0, seed: int = 0, row_id: int = 0) -> tuple[int, int]:
+    """(chosen index, rejected index) of one row."""
+    r = np.asarray(rewards, dtype=np.float64)
+    if r.size < 2:
+        raise RowError(f"field 'responses': need at least 2 responses to make a pair, got {r.size}")
+    if strategy == "hps":
+        return hps_sample_negative(r, gamma, np.random.default_rng([int(seed) & 0xFFFFFFFF, int(row_id)]))
+    if strategy == "best-worst":
+        chosen = hps_select_chosen(r)
+        others = np.array([j for j in range(r.size) if j != chosen])
+        low = r[others].min()
+        return chosen, int(others[r[others] == low][-1])
+    raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
+
+
+def make_pair(record: dict, row_id: int, strategy: str, *, gamma: float = 1.0, seed: int = 0,
+              min_reward_gap: float | None = None) -> dict:
+    """One pair row from one annotated multi row; raises RowError naming the field."""
+    ex = to_example(record, "multi")
+    if ex.rewards is None:
+        raise RowError("field 'rewards': missing (run `prefsel annotate` first)")
+    c, j = choose_pair(ex.rewards, strategy, gamma=gamma, seed=seed, row_id=row_id)
+    gap = ex.rewards[c] - ex.rewards[j]
+    if min_reward_gap is not None and gap < min_reward_gap:
+        raise RowError(f"field 'rewards': reward gap {gap:.4g} < min_reward_gap {min_reward_gap}")
+    out = {"row_id": row_id, "prompt": record["prompt"], "chosen": ex.responses[c], "rejected": ex.responses[j],
+           "chosen_reward": ex.rewards[c], "rejected_reward": ex.rewards[j], "chosen_index": c, "rejected_index": j}
+    out.update({k: v for k, v in record.items() if k not in _DROP and k not in out})
+    return out
+
+
+@dataclass
+class ToPairsConfig:
+    data: str
+    output: str
+    strategy: str = "hps"
+    gamma: float = 1.0
+    seed: int = 0
+    min_reward_gap: float | None = None
+    split: str = "train"
+    chunk_rows: int = 4096
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"--strategy must be one of {STRATEGIES}")
+        if self.chunk_rows < 1:
+            raise ValueError("--chunk-rows must be positive")
+
+
+def run_to_pairs(cfg: ToPairsConfig) -> dict:
+    from prefsel.generation.output import JsonlRunOutput, resolve_data
+    from prefsel.sources import plan_source, read_chunk
+
+    t0 = time.time()
+    plan = plan_source(resolve_data(cfg.data), cfg.chunk_rows, cfg.split)
+    fp = {"data": plan.files, "strategy": cfg.strategy, "gamma": cfg.gamma, "seed": cfg.seed,
+          "min_reward_gap": cfg.min_reward_gap, "chunk_rows": cfg.chunk_rows, "split": cfg.split}
+    out = JsonlRunOutput(cfg.output, fp, kind="pairs", overwrite=cfg.overwrite)
+    done = out.done_chunks()
+    for chunk in plan.chunks:
+        if chunk.chunk_id in done:
+            continue
+        good, rejects = [], []
+        for r in read_chunk(chunk):
+            rec = r.record
+            rid = rec["row_id"] if isinstance(rec, dict) and type(rec.get("row_id")) is int else r.row_id
+            if rec is None:
+                rejects.append({"row_id": rid, "reason": r.error or "row: unreadable", "record": r.raw})
+                continue
+            try:
+                good.append(make_pair(rec, rid, cfg.strategy, gamma=cfg.gamma, seed=cfg.seed,
+                                      min_reward_gap=cfg.min_reward_gap))
+            except RowError as e:
+                rejects.append({"row_id": rid, "reason": str(e), "record": rec})
+        out.write_rows(chunk.chunk_id, good, rejects)
+    c = out.count()
+    if plan.num_rows != c["rows_out"] + c["rows_rejected"]:
+        raise RuntimeError(f"row accounting failed: {plan.num_rows} in, {c['rows_out']} out + {c['rows_rejected']} rejected")
+    summary = {"rows_in": plan.num_rows, "rows_out": c["rows_out"], "rows_rejected": c["rows_rejected"],
+               "reject_reasons": c["reject_reasons"], "strategy": cfg.strategy, "gamma": cfg.gamma, "seed": cfg.seed,
+               "wall_s": round(time.time() - t0, 2), "resumed_chunks": len(done), "data": cfg.data,
+               "outputs": {"pairs": f"{cfg.output.rstrip('/')}/pairs", "rejects": f"{cfg.output.rstrip('/')}/rejects",
+                           "summary": f"{cfg.output.rstrip('/')}/summary.json"}}
+    out.finalize(summary)
+    return summary

@@ -1,0 +1,68 @@
+"""Prompt rows for generation: validation, prompt token ids (the core's chat-template rules), seeds.
+
+A prompt row is JSON lines / Parquet with `prompt` as a string or a list of chat messages (the
+HH-RLHF / PKU-SafeRLHF prompt files of the HPS work); an optional `responses` list of strings is
+kept and the new samples are appended to it. Any other fields travel through unchanged, except a
+stale `rewards` (it would no longer line up with the extended responses).
+
+Prompt ids come from `PairTokenizer.encode`, the same code that tokenizes prompts for scoring and
+reward annotation, so the policy sees its chat template exactly once (one BOS, generation prompt
+header appended) and the reward model later sees the same prompt rendering under its own template.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from prefsel.formats import Example, RowError, to_example
+from prefsel.tokenization import PairTokenizer
+
+_PLACEHOLDER = "x"  # a response to satisfy to_example / encode; only the prompt part is used
+
+
+@dataclass
+class PromptRow:
+    example: Example  # prompt only; `responses` holds the existing responses (maybe empty)
+    existing: list[str]
+
+
+def parse_prompt_row(record: Any) -> PromptRow:
+    """Validate a prompt row; raises RowError naming the field (empty prompt, bad messages...)."""
+    if not isinstance(record, dict):
+        raise RowError(f"row: expected a JSON object, got {type(record).__name__}")
+    existing = record.get("responses")
+    if existing is None:
+        existing = []
+    probe = {"prompt": record.get("prompt"), "responses": list(existing) if isinstance(existing, list) else existing}
+    if isinstance(existing, list) and not existing:
+        probe["responses"] = [_PLACEHOLDER]
+    ex = to_example(probe, "multi")
+    if ex.prompt_messages is not None:
+        if ex.prompt_messages[-1]["role"] == "assistant":
+            raise RowError("field 'prompt': the last prompt message must not be the assistant's")
+        if not any(m["content"].strip() for m in ex.prompt_messages):
+            raise RowError("field 'prompt': empty prompt")
+    return PromptRow(ex, list(existing))
+
+
+def encode_prompt(tokenizer: PairTokenizer, ex: Example) -> list[int]:
+    """The prompt's token ids exactly as PairTokenizer.encode produces them (template, one BOS)."""
+    return tokenizer.encode_prompt(ex)
+
+
+def prompt_value(ex: Example) -> Any:
+    """The prompt as written to outputs: messages when it was messages, else the text."""
+    return ex.prompt_messages if ex.prompt_text is None else ex.prompt_text
+
+
+def sample_seed(seed: int, row_id: int, sample_index: int) -> int:
+    """Seed of one sample: a function of (run seed, row id, sample index) only.
+
+    So a sample is the same whatever the batching, the number of actors or the backend's
+    request order; distinct samples of a row get independent streams. Fits vLLM's int seed.
+    """
+    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(row_id), int(sample_index)]).generate_state(2)
+    return int((int(state[0]) << 31) ^ int(state[1])) & 0x7FFFFFFFFFFFFFFF
