@@ -25,3 +25,15 @@ def read_rejects(out: Path) -> list[dict]:
     for f in sorted((Path(out) / "rejects").glob("*.jsonl")):
         rows += [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
     return sorted(rows, key=lambda r: r["row_id"])
+
+
+def U(text: str) -> dict:
+    return {"role": "user", "content": text}
+
+
+def A(text: str) -> dict:
+    return {"role": "assistant", "content": text}
+
+
+def S(text: str) -> dict:
+    return {"role": "system", "content": text}

@@ -5,18 +5,9 @@ from __future__ import annotations
 import pytest
 
 from prefsel.formats import FORMATS, Example, RowError, detect_format, to_example
+from helpers import A, S, U  # chat message builders
 
 
-def U(text):
-    return {"role": "user", "content": text}
-
-
-def A(text):
-    return {"role": "assistant", "content": text}
-
-
-def S(text):
-    return {"role": "system", "content": text}
 
 
 # --------------------------------------------------------------------------- detection

@@ -19,22 +19,13 @@ from prefsel.formats import to_example
 from prefsel.logprobs import collate_sequences, response_logprobs
 from prefsel.scoring import SCORE_COLUMNS, PairScorer, ScoreConfig
 from prefsel.tokenization import PairTokenizer
+from helpers import A, S, U  # chat message builders
 
 BETA = 0.1
 GAP_TOL = 1e-5
 LOGP_KEYS = ("chosen_logp", "rejected_logp", "chosen_ref_logp", "rejected_ref_logp")
 
 
-def U(text):
-    return {"role": "user", "content": text}
-
-
-def A(text):
-    return {"role": "assistant", "content": text}
-
-
-def S(text):
-    return {"role": "system", "content": text}
 
 
 def _demo_pairs(n):

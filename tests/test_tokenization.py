@@ -7,18 +7,9 @@ import pytest
 from prefsel.formats import RowError, to_example
 from prefsel.tiny import CHATML_TEMPLATE, TINY_CHAT_TEMPLATE
 from prefsel.tokenization import PairTokenizer, TokenizedExample
+from helpers import A, S, U  # chat message builders
 
 
-def U(text):
-    return {"role": "user", "content": text}
-
-
-def A(text):
-    return {"role": "assistant", "content": text}
-
-
-def S(text):
-    return {"role": "system", "content": text}
 
 
 @pytest.fixture(scope="module")
