@@ -8,7 +8,6 @@ entry points take exactly the same flags.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 

@@ -8,7 +8,6 @@ exactly, and a rerun resumes at the first unfinished chunk.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -19,7 +18,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from prefsel.formats import detect_format
-from prefsel.prepare import EXTRA_COLUMN, dumps, infer_schema, record_schema, split_record
+from prefsel.prepare import infer_schema, record_schema, split_record
 from prefsel.run_output import RunOutput
 from prefsel.scoring import SCORE_COLUMNS
 from prefsel.sources import DEFAULT_CHUNK_ROWS, Chunk, plan_source, sample_records
@@ -295,7 +294,7 @@ def chunk_rows_for_ray(chunks: list[Chunk]) -> list[dict]:
     return items
 
 
-def run_score(cfg: ScoreJobConfig, *, console=None) -> dict:
+def run_score(cfg: ScoreJobConfig) -> dict:
     """Score every pair of `cfg.data` into `cfg.output`; returns the summary (also summary.json)."""
     import ray
     from ray.data import ActorPoolStrategy
@@ -349,9 +348,3 @@ def run_score(cfg: ScoreJobConfig, *, console=None) -> dict:
     out.finalize(summary)
     return summary
 
-
-def config_dict(cfg: ScoreJobConfig) -> dict:
-    return dataclasses.asdict(cfg)
-
-
-__all__ = ["ScoreJobConfig", "run_score", "ScoreActor", "prepare_batch", "EXTRA_COLUMN", "dumps"]

@@ -204,7 +204,7 @@ def plan_source(data: str, chunk_rows: int = DEFAULT_CHUNK_ROWS, split: str = "t
                 try:
                     schema = pa.unify_schemas([schema, s])
                 except pa.ArrowInvalid as e:
-                    raise ValueError(f"--data: {uri} has a schema incompatible with the other files: {e}")
+                    raise ValueError(f"--data: {uri} has a schema incompatible with the other files: {e}") from None
         chunks += new
         row += sum(c.num_rows for c in new)
     return SourcePlan(chunks, kind, [_uri(fs, f, data) for f in files], schema)

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -86,10 +85,9 @@ def _mixed(fmt: str) -> tuple[list, dict[int, str]]:
     """Good rows with broken ones spliced in; returns rows and {row_id: field} of the broken."""
     rows: list = list(_good_rows(fmt))
     expect: dict[int, str] = {}
-    for i, (row, field) in enumerate(BROKEN[fmt]):
-        pos = 3 + 5 * i
-        rows.insert(pos, row)
-    for i, (row, field) in enumerate(BROKEN[fmt]):
+    for i, (row, _) in enumerate(BROKEN[fmt]):
+        rows.insert(3 + 5 * i, row)
+    for row, field in BROKEN[fmt]:
         expect[rows.index(row)] = field
     rows.insert(len(rows) - 2, "{this is not json")
     expect[len(rows) - 3] = "row"
