@@ -75,6 +75,10 @@ class ScoreJobConfig:
 
     def __post_init__(self) -> None:
         from prefsel.formats import FORMATS
+        from prefsel.sources import absolute_local
+
+        for name in ("policy", "reference", "tokenizer", "data"):
+            setattr(self, name, absolute_local(getattr(self, name)))
         from prefsel.tokenization import TRUNCATION_MODES
 
         if self.format is not None and self.format not in FORMATS:

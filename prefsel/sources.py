@@ -66,6 +66,17 @@ class SourcePlan:
         return "jsonl" if self.kind in ("jsonl", "json") else "parquet"
 
 
+def absolute_local(path: str | None, *, output: bool = False) -> str | None:
+    """An absolute path for a relative local path, so Ray workers (whose working directory is
+    not the driver's) find it. Inputs are made absolute only when they exist here (else they may
+    be hub names); outputs always. URIs and absent values come back unchanged."""
+    if path is None or "://" in path or os.path.isabs(path):
+        return path
+    if output or os.path.exists(path):
+        return os.path.abspath(path)
+    return path
+
+
 def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path) for a local path or an s3:// / gs:// URI.
 
@@ -133,6 +144,23 @@ def _prefsel_data(fs: pafs.FileSystem, path: str, data: str) -> tuple[str, list[
         return path, sorted(files)
     sub = manifest.get("data_dir") or ("scores" if manifest["kind"] == "scores" else None)
     return (posixpath.join(path, sub) if sub else path), None
+
+
+def resolve_data(data: str) -> str:
+    """Where the rows of `data` are: a finished prefsel output folder (scores, selection,
+    generate / annotate / to-pairs) resolves to its data, never its rejects or metadata; an
+    unfinished one is an error; anything else comes back as it is."""
+    fs, path = filesystem_for(data.rstrip("/"))
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        if fs.get_file_info(f"{path}.partial").type == pafs.FileType.Directory:
+            raise ValueError(f"--data: {data!r} is an unfinished prefsel run; rerun it to finish")
+        return data
+    folder, files = _prefsel_data(fs, path, data)
+    if files is not None:
+        if len(files) != 1:
+            raise ValueError(f"--data: {data!r} is a selection without exactly one selected.* file")
+        folder = files[0]
+    return data.rstrip("/") + folder[len(path):]
 
 
 def _list_files(data: str) -> tuple[pafs.FileSystem, list[str], str]:

@@ -9,7 +9,8 @@ import pytest
 from helpers import write_jsonl
 from prefsel.cli import main
 from prefsel.formats import detect_format, to_example
-from prefsel.generation.output import read_rejects, read_rows, resolve_data
+from prefsel.generation.output import read_rejects, read_rows
+from prefsel.sources import resolve_data
 
 LONG = "I will tell you a very long story about the weather and the sea and the mountains. " * 3
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from prefsel.formats import RowError, to_example
-from prefsel.generation.output import JsonlRunOutput, resolve_data
+from prefsel.generation.output import JsonlRunOutput
 from prefsel.sources import DEFAULT_CHUNK_ROWS, Chunk, plan_source
 
 PREPARED_SCHEMA = pa.schema([
@@ -198,8 +198,7 @@ def run_annotate(cfg: AnnotateConfig) -> dict:
     from prefsel.score_job import chunk_rows_for_ray, init_ray
 
     t0 = time.time()
-    data = resolve_data(cfg.data)
-    plan = plan_source(data, cfg.chunk_rows, cfg.split)
+    plan = plan_source(cfg.data, cfg.chunk_rows, cfg.split)
     out = JsonlRunOutput(cfg.output, fingerprint(cfg, plan.files), kind="multi", overwrite=cfg.overwrite)
     done = out.done_chunks()
     todo = [c for c in plan.chunks if c.chunk_id not in done]

@@ -18,8 +18,8 @@ from collections.abc import Iterator
 
 from pyarrow import fs as pafs
 
-from prefsel.run_output import MANIFEST, RunOutput, check_complete, exists, read_json, write_text
-from prefsel.sources import filesystem_for
+from prefsel.run_output import RunOutput, exists, write_text
+from prefsel.sources import filesystem_for, resolve_data
 
 DATA_DIRS = {"generations": "multi", "multi": "multi", "pairs": "pairs"}
 
@@ -87,22 +87,6 @@ def iter_jsonl(fs: pafs.FileSystem, folder: str) -> Iterator[dict]:
             for line in f.read().decode("utf-8").splitlines():
                 if line.strip():
                     yield json.loads(line)
-
-
-def resolve_data(uri: str) -> str:
-    """The data to read for --data: a finished prefsel generate/annotate/to-pairs output resolves
-    to its data folder (so its rejects are not read as data); anything else is returned as is."""
-    fs, path = filesystem_for(uri.rstrip("/"))
-    if fs.get_file_info(posixpath.join(path, MANIFEST)).type != pafs.FileType.File:
-        if exists(fs, f"{path}.partial") and not exists(fs, path):
-            check_complete(uri)  # raises: unfinished run
-        return uri
-    manifest = read_json(fs, posixpath.join(path, MANIFEST))
-    data_dir = manifest.get("data_dir") if isinstance(manifest, dict) else None
-    if not data_dir:
-        return uri
-    check_complete(uri)
-    return uri.rstrip("/") + "/" + data_dir
 
 
 def read_rows(uri: str) -> list[dict]:

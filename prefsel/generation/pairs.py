@@ -77,11 +77,11 @@ class ToPairsConfig:
 
 
 def run_to_pairs(cfg: ToPairsConfig) -> dict:
-    from prefsel.generation.output import JsonlRunOutput, resolve_data
+    from prefsel.generation.output import JsonlRunOutput
     from prefsel.sources import plan_source, read_chunk
 
     t0 = time.time()
-    plan = plan_source(resolve_data(cfg.data), cfg.chunk_rows, cfg.split)
+    plan = plan_source(cfg.data, cfg.chunk_rows, cfg.split)
     fp = {"data": plan.files, "strategy": cfg.strategy, "gamma": cfg.gamma, "seed": cfg.seed,
           "min_reward_gap": cfg.min_reward_gap, "chunk_rows": cfg.chunk_rows, "split": cfg.split}
     out = JsonlRunOutput(cfg.output, fp, kind="pairs", overwrite=cfg.overwrite)

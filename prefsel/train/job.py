@@ -1,0 +1,129 @@
+"""The Ray layer of training: read + tokenize the data, precompute reference log-probs on Ray Data,
+then run the worker loop on a Ray Train (V2) TorchTrainer.
+
+Data feeding: the tokenized rows go to the trainer as Ray Datasets; every worker reads its
+`ray.train.get_dataset_shard(...)` with DataConfig(datasets_to_split=[]), i.e. the WHOLE
+(already tokenized, small: token ids only) dataset, and takes its part of each global batch
+from a seeded plan. This keeps the batch order a pure function of (seed, epoch, step), which
+exact resume and the DDP / ZeRO equivalence rely on. (A streaming split would make the order
+depend on timing.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+
+from prefsel.train.config import TrainConfig
+
+
+def _prepare_output(cfg: TrainConfig) -> None:
+    if "://" in cfg.output:
+        return
+    exists = os.path.isdir(cfg.output) and any(os.scandir(cfg.output))
+    if exists and not cfg.resume:
+        if not cfg.overwrite:
+            raise FileExistsError(
+                f"--output {cfg.output} is not empty: pass --resume to continue its run or --overwrite to replace it"
+            )
+        shutil.rmtree(cfg.output)
+    os.makedirs(cfg.output, exist_ok=True)
+
+
+def run_train(cfg: TrainConfig) -> dict:
+    """Train `cfg.task` on Ray Train; returns the summary (also written to OUTPUT/summary.json)."""
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from prefsel.models import load_tokenizer
+    from prefsel.score_job import init_ray
+    from prefsel.tokenization import PairTokenizer
+    from prefsel.train.data import load_rows, precompute_reference, steps_per_epoch, to_ray_dataset
+    from prefsel.train.loop import train_loop_per_worker
+
+    t0 = time.time()
+    _prepare_output(cfg)
+    tok = load_tokenizer(cfg.tokenizer_path, trust_remote_code=cfg.trust_remote_code)
+    ptok = PairTokenizer(tok, cfg.chat_template, cfg.max_length, cfg.truncation)
+    train = load_rows(cfg.data, cfg.task, ptok, fmt=cfg.format, split=cfg.split, margin_column=cfg.margin_column)
+    evald = None
+    if cfg.eval_data:
+        evald = load_rows(cfg.eval_data, cfg.task, ptok, fmt=cfg.format, split=cfg.eval_split,
+                          margin_column=cfg.margin_column)
+    spe = steps_per_epoch(len(train.rows), cfg.train_batch_size)
+    if spe < 1:
+        raise ValueError(
+            f"{len(train.rows)} usable rows < --train-batch-size {cfg.train_batch_size}: lower the batch size"
+        )
+    total = spe * cfg.epochs
+    init_ray()
+    ds = to_ray_dataset(train.rows)
+    eval_ds = to_ray_dataset(evald.rows) if evald and evald.rows else None
+    t_ref = 0.0
+    if cfg.needs_reference and cfg.ref_mode == "precompute":
+        t1 = time.time()
+        ds = precompute_reference(ds, cfg, tok.pad_token_id)
+        if eval_ds is not None:
+            eval_ds = precompute_reference(eval_ds, cfg, tok.pad_token_id)
+        t_ref = time.time() - t1
+    datasets = {"train": ds}
+    if eval_ds is not None:
+        datasets["eval"] = eval_ds
+    meta = {"pad_token_id": tok.pad_token_id, "steps_per_epoch": spe, "total_steps": total,
+            "has_eval": eval_ds is not None}
+    resources = {"CPU": cfg.cpus_per_worker}
+    if cfg.use_gpu:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.to_dict(), "meta": meta},
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        run_config=RunConfig(
+            storage_path=cfg.resolved_storage_path,
+            name=cfg.run_name,
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+        ),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=[]),
+    )
+    result = trainer.fit()
+    wall = time.time() - t0
+    worker = {}
+    res_path = os.path.join(cfg.output, "train_result.json")
+    if "://" not in cfg.output and os.path.exists(res_path):
+        with open(res_path) as f:
+            worker = json.load(f)
+    final_metrics = worker.get("final_metrics") or dict(result.metrics or {})
+    summary = {
+        "task": cfg.task,
+        "rows_in": train.rows_in,
+        "rows_used": len(train.rows),
+        "rows_rejected": train.rows_rejected,
+        "reject_reasons": dict(train.rejected),
+        "eval_rows": len(evald.rows) if evald else 0,
+        "format": train.fmt,
+        "steps": worker.get("steps", final_metrics.get("step")),
+        "steps_per_epoch": spe,
+        "total_steps": total,
+        "resumed_from_step": worker.get("resumed_from"),
+        "samples": worker.get("samples"),
+        "tokens_per_s": worker.get("tokens_per_s"),
+        "train_wall_s": worker.get("wall_s"),
+        "reference_precompute_s": round(t_ref, 2),
+        "wall_s": round(wall, 2),
+        "final_metrics": final_metrics,
+        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "output": cfg.output,
+        "final_model": worker.get("final_model", cfg.output.rstrip("/") + "/final"),
+        "config": cfg.to_dict(),
+    }
+    if "://" not in cfg.output:
+        with open(os.path.join(cfg.output, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2, default=str)
+    return summary

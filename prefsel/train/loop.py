@@ -1,0 +1,364 @@
+"""The Ray Train worker loop shared by DPO, HPS and RM training.
+
+Every rank reads its Ray Data shard (the whole, unsplit dataset: see job.py), orders it by row_id
+and follows the deterministic batch plan of prefsel.train.data, so a step's global batch does not
+depend on the world size, on restarts, or on timing. A checkpoint holds the engine state
+(DeepSpeed ZeRO shards or the DDP state) plus {step}; a restarted or resumed run continues at
+that step with the same batches, so it ends at the same step with the same loss.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from prefsel.train.config import TrainConfig
+from prefsel.train.data import (
+    epoch_order,
+    global_batch,
+    hps_rng,
+    rank_micro_batches,
+    rows_from_shard,
+)
+from prefsel.train.objectives import (
+    STAT_KEYS,
+    LogpModule,
+    RewardModule,
+    dpo_objective,
+    finish_stats,
+    hps_multi_objective,
+    hps_sample_pairs,
+    pair_objective,
+    rm_objective,
+    sft_objective,
+)
+
+FAIL_MARKER = "_fail_injected"
+
+
+def _is_local(uri: str) -> bool:
+    return "://" not in uri
+
+
+def build_module(cfg: TrainConfig, pad_id: int, ds_config: dict | None = None):
+    """The trainable HF model, wrapped as LogpModule (dpo/hps/sft) or RewardModule (rm)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    keep = None
+    if ds_config is not None and cfg.zero_stage == 3:
+        import deepspeed
+        from transformers.integrations import HfDeepSpeedConfig
+
+        # DeepSpeed's comm must see the Ray-initialised process group before the config is read
+        # (its batch-size check uses the world size).
+        deepspeed.init_distributed(dist_backend="nccl" if cfg.use_gpu else "gloo")
+
+        keep = HfDeepSpeedConfig(ds_config)  # from_pretrained then loads straight into ZeRO-3 shards
+    kw = dict(dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
+    torch.manual_seed(cfg.seed)
+    if cfg.task == "rm":
+        model = AutoModelForSequenceClassification.from_pretrained(cfg.model, num_labels=1, **kw)
+        model.config.pad_token_id = pad_id
+    else:
+        model = AutoModelForCausalLM.from_pretrained(cfg.model, **kw)
+    model.config.use_cache = False
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.lora_rank:
+        from peft import LoraConfig, get_peft_model
+
+        lcfg = LoraConfig(
+            r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+            target_modules=cfg.target_modules or "all-linear",
+            task_type="SEQ_CLS" if cfg.task == "rm" else "CAUSAL_LM",
+        )
+        model = get_peft_model(model, lcfg)
+    module = RewardModule(model) if cfg.task == "rm" else LogpModule(model)
+    module._hf_ds_config = keep  # keep HfDeepSpeedConfig alive while the model lives
+    return module
+
+
+class Objective:
+    """Picks the task's objective; the same call for training and evaluation."""
+
+    def __init__(self, cfg: TrainConfig, ref_model, pad_id: int, device, total_steps: int) -> None:
+        self.cfg, self.ref, self.pad, self.device, self.total = cfg, ref_model, pad_id, device, total_steps
+
+    def __call__(self, fn, rows, *, step: int, epoch: int, train: bool):
+        c = self.cfg
+        common = dict(beta=c.beta, loss_type=c.loss_type, label_smoothing=c.label_smoothing, device=self.device)
+        if c.task == "rm":
+            return rm_objective(rows, fn, self.pad, center_coef=c.center_coef,
+                                use_margin=bool(c.margin_column), device=self.device)
+        if c.task == "sft":
+            return sft_objective(rows, fn, self.pad, device=self.device)
+        if c.task == "dpo":
+            return dpo_objective(rows, fn, self.ref, self.pad, **common)
+        gamma = c.gamma_at(step, self.total)
+        rngs = [hps_rng(c.seed, epoch, r["row_id"]) for r in rows]
+        if train and c.hps_mode == "sample":
+            pairs = hps_sample_pairs(rows, gamma, rngs)
+            return pair_objective(rows, pairs, fn, self.ref, self.pad, **common)
+        # loss mode, and evaluation of both modes: all n-1 negatives (MC subset only in training)
+        return hps_multi_objective(
+            rows, fn, self.ref, self.pad, gamma=gamma, scale_by_n_minus_1=c.hps_scale_n_minus_1,
+            negatives=c.hps_negatives if train else None, rngs=rngs, **common,
+        )
+
+
+def _allreduce_stats(stats: dict, device) -> dict:
+    import torch.distributed as dist
+
+    t = torch.tensor([stats[k] for k in STAT_KEYS], dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return dict(zip(STAT_KEYS, t.tolist()))
+
+
+def _zero_stats() -> dict:
+    return {k: 0.0 for k in STAT_KEYS}
+
+
+def _add(total: dict, st: dict) -> None:
+    for k in STAT_KEYS:
+        total[k] += st[k]
+
+
+def evaluate(engine, objective: Objective, rows: list[dict], cfg: TrainConfig, rank: int, world: int,
+             step: int, device) -> dict:
+    """Held-out metrics. Every rank runs the same number of forwards (ZeRO-3 gathers are collective)."""
+    per = math.ceil(len(rows) / world)
+    mine = rows[rank * per : (rank + 1) * per]
+    n_micro = math.ceil(per / cfg.micro_train_batch_size)
+    total = _zero_stats()
+    engine.eval()
+    with torch.no_grad():
+        for k in range(n_micro):
+            batch = mine[k * cfg.micro_train_batch_size : (k + 1) * cfg.micro_train_batch_size]
+            dummy = not batch
+            _, st = objective(engine, batch or rows[:1], step=step, epoch=0, train=False)
+            if not dummy:
+                _add(total, st)
+    engine.train()
+    out = finish_stats(_allreduce_stats(total, device))
+    return {f"eval_{k}": v for k, v in out.items()}
+
+
+class Logger:
+    """Rank 0: console progress (tqdm), TensorBoard, wandb (optional), OUTPUT/metrics.jsonl."""
+
+    def __init__(self, cfg: TrainConfig, rank: int, total: int, start: int) -> None:
+        self.on = rank == 0
+        self.tb = self.wandb = self.bar = None
+        self.jsonl = None
+        if not self.on:
+            return
+        if _is_local(cfg.output):
+            os.makedirs(cfg.output, exist_ok=True)
+            self.jsonl = open(os.path.join(cfg.output, "metrics.jsonl"), "a")
+            if cfg.use_tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(os.path.join(cfg.output, "tensorboard"))
+        if cfg.use_wandb:
+            import wandb
+
+            self.wandb = wandb.init(project=cfg.wandb_project, name=cfg.run_name, config=cfg.to_dict(),
+                                    resume="allow")
+        if cfg.progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, desc=f"train {cfg.task}", dynamic_ncols=True)
+
+    def log(self, step: int, metrics: dict) -> None:
+        if not self.on:
+            return
+        if self.jsonl:
+            self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+            self.jsonl.flush()
+        for k, v in metrics.items():
+            if self.tb and isinstance(v, (int, float)):
+                prefix = "eval/" if k.startswith("eval_") else "train/"
+                self.tb.add_scalar(prefix + k.removeprefix("eval_"), v, step)
+        if self.wandb:
+            self.wandb.log(metrics, step=step)
+        if self.bar is not None and "loss" in metrics:
+            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['reward_accuracy']:.3f}")
+
+    def advance(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.tb:
+            self.tb.flush()
+            self.tb.close()
+        if self.jsonl:
+            self.jsonl.close()
+        if self.bar is not None:
+            self.bar.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
+def _save_checkpoint(engine, cfg: TrainConfig, step: int, metrics: dict, rank: int) -> None:
+    import ray.train
+
+    d = tempfile.mkdtemp(prefix=f"prefsel-ckpt-{rank}-")
+    try:
+        state_dir = os.path.join(d, "state")
+        engine.save(state_dir, {"step": step})
+        has_files = os.path.isdir(state_dir) and any(files for _, _, files in os.walk(state_dir))
+        if has_files and rank == 0:
+            with open(os.path.join(d, "train_state.json"), "w") as f:
+                json.dump({"step": step, "task": cfg.task, "strategy": cfg.strategy}, f)
+        ckpt = ray.train.Checkpoint.from_directory(d) if has_files else None
+        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{step:08d}")
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _save_final(engine, module, cfg: TrainConfig, tokenizer, rank: int) -> str | None:
+    sd = engine.full_state_dict()  # collective for ZeRO-3
+    if rank != 0:
+        return None
+    hf = module.model
+    sd = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
+    if cfg.lora_rank:
+        hf.load_state_dict(sd, strict=False)
+        hf = hf.merge_and_unload()
+        sd = hf.state_dict()
+    final = cfg.output.rstrip("/") + "/final"
+    local = final if _is_local(final) else tempfile.mkdtemp(prefix="prefsel-final-")
+    os.makedirs(local, exist_ok=True)
+    sd = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
+    hf.save_pretrained(local, state_dict=sd, safe_serialization=True)
+    tokenizer.save_pretrained(local)
+    if local != final:
+        from pyarrow import fs as pafs
+
+        from prefsel.sources import filesystem_for
+
+        dst_fs, dst = filesystem_for(final)
+        pafs.copy_files(local, dst, destination_filesystem=dst_fs)
+        shutil.rmtree(local, ignore_errors=True)
+    return final
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import ray.train
+
+    cfg = TrainConfig.from_dict(config["cfg"])
+    meta = config["meta"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if cfg.use_gpu:
+        import ray.train.torch
+
+        device = ray.train.torch.get_device()
+    else:
+        device = torch.device("cpu")
+        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+
+    from prefsel.models import load_causal_lm, load_tokenizer
+    from prefsel.train.strategy import deepspeed_config, make_strategy
+
+    tokenizer = load_tokenizer(cfg.tokenizer_path, trust_remote_code=cfg.trust_remote_code)
+    pad_id = meta["pad_token_id"]
+    rows = rows_from_shard(ray.train.get_dataset_shard("train"))
+    eval_rows = rows_from_shard(ray.train.get_dataset_shard("eval")) if meta["has_eval"] else []
+    n, spe, total = len(rows), meta["steps_per_epoch"], meta["total_steps"]
+    last_step = min(total, cfg.max_steps) if cfg.max_steps else total
+
+    ds_cfg = deepspeed_config(cfg) if cfg.strategy == "deepspeed" else None
+    module = build_module(cfg, pad_id, ds_cfg)
+    ref = None
+    if cfg.needs_reference and cfg.ref_mode == "online":
+        ref = load_causal_lm(cfg.reference_path, dtype="bf16" if cfg.bf16 else "fp32", device=str(device),
+                             trust_remote_code=cfg.trust_remote_code)
+    engine = make_strategy(cfg, module, total, device)
+    objective = Objective(cfg, ref, pad_id, device, total)
+
+    start = 0
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state = engine.load(os.path.join(d, "state"))
+        start = int(state["step"])
+
+    logger = Logger(cfg, rank, last_step, start)
+    engine.train()
+    window = _zero_stats()
+    t_window = time.time()
+    t0 = time.time()
+    tokens_total = 0.0
+    metrics: dict = {"step": start}
+    order_epoch, order = -1, None
+    micro = cfg.micro_train_batch_size
+    for step in range(start, last_step):
+        epoch, k = divmod(step, spe)
+        if epoch != order_epoch:
+            order, order_epoch = epoch_order(n, cfg.seed, epoch), epoch
+        mbs = rank_micro_batches(global_batch(order, k, cfg.train_batch_size), rank, world, micro)
+        grad_norm = None
+        for i, idx in enumerate(mbs):
+            boundary = i == len(mbs) - 1
+            batch = [rows[j] for j in idx]
+            with engine.accumulate(boundary):
+                loss, st = objective(engine, batch, step=step, epoch=epoch, train=True)
+                norm = engine.backward_step(loss, boundary)
+            if norm is not None:
+                grad_norm = norm
+            _add(window, st)
+        done = step + 1
+        logger.advance()
+        log_now = done % cfg.logging_steps == 0 or done == last_step
+        eval_now = bool(eval_rows) and (
+            (cfg.eval_steps and done % cfg.eval_steps == 0) or done == last_step
+        )
+        save_now = (cfg.save_steps and done % cfg.save_steps == 0) or done == last_step
+        if log_now:
+            agg = _allreduce_stats(window, device)
+            dt = max(time.time() - t_window, 1e-9)
+            tokens_total += agg["tokens"]
+            metrics = {
+                "step": done, "epoch": done / spe, **finish_stats(agg), "lr": engine.lr,
+                "grad_norm": grad_norm if grad_norm is not None else float("nan"),
+                "tokens_per_s": agg["tokens"] / dt,
+            }
+            if cfg.task == "hps":
+                metrics["gamma"] = cfg.gamma_at(step, total)
+            logger.log(done, metrics)
+            window, t_window = _zero_stats(), time.time()
+        if eval_now:
+            ev = evaluate(engine, objective, eval_rows, cfg, rank, world, step, device)
+            metrics.update(ev)
+            logger.log(done, ev)
+        if save_now:
+            _save_checkpoint(engine, cfg, done, {**metrics, "step": done}, rank)
+        if cfg.fail_at_step is not None and done == cfg.fail_at_step and rank == 0:
+            marker = os.path.join(cfg.output, FAIL_MARKER)
+            if not os.path.exists(marker):
+                open(marker, "w").write(str(done))
+                raise RuntimeError(f"injected failure after step {done} (--fail-at-step)")
+    wall = time.time() - t0
+    if start >= last_step and eval_rows:  # resumed a finished run: still report held-out metrics
+        metrics.update(evaluate(engine, objective, eval_rows, cfg, rank, world, last_step, device))
+    final = _save_final(engine, module, cfg, tokenizer, rank)
+    if rank == 0 and _is_local(cfg.output):
+        with open(os.path.join(cfg.output, "train_result.json"), "w") as f:
+            json.dump({"final_metrics": metrics, "steps": last_step, "resumed_from": start,
+                       "steps_this_run": last_step - start, "wall_s": wall,
+                       "tokens_this_run": tokens_total,
+                       "tokens_per_s": tokens_total / wall if wall > 0 else None,
+                       "samples": (last_step - start) * cfg.train_batch_size, "final_model": final}, f)
+    logger.close()

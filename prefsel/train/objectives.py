@@ -1,0 +1,271 @@
+"""The training objectives on one micro-batch: collation + the loss functions of prefsel.losses.
+
+Pure torch (no Ray, no DeepSpeed). Policy log-probs come from prefsel.logprobs.response_logprobs
+(THE log-prob function) through :class:`LogpModule`, so DeepSpeed / DDP wrap a module whose
+forward is exactly the scorer's computation. The formulas live in prefsel.losses only.
+
+Each objective returns (loss, stats): `loss` is the mean over the micro-batch (a scalar with
+gradient); `stats` holds SUMS (and counts) so micro-batches and ranks can be aggregated exactly:
+
+    n         examples (pairs / prompts)
+    loss      sum of per-example losses
+    acc, acc_n  correct comparisons and number of comparisons (reward accuracy = acc / acc_n)
+    chosen, rejected, margin   sums of chosen reward, rejected reward, chosen - rejected
+    tokens    non-pad tokens forwarded through the policy
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from prefsel.logprobs import collate_sequences, position_ids_from_mask, response_logprobs
+from prefsel.losses import (
+    bt_loss,
+    dpo_loss,
+    hps_multi_negative_loss,
+    hps_sample_negative,
+    hps_sample_negatives_mc,
+    hps_select_chosen,
+    reward_accuracy,
+)
+
+STAT_KEYS = ("n", "loss", "acc", "acc_n", "chosen", "rejected", "margin", "tokens")
+
+
+class LogpModule(torch.nn.Module):
+    """forward(ids, attn, resp_mask) -> summed response log-probs [B] (float64, differentiable)."""
+
+    def __init__(self, model: torch.nn.Module, chunk_tokens: int = 1024) -> None:
+        super().__init__()
+        self.model = model
+        self.chunk_tokens = chunk_tokens
+
+    def forward(self, input_ids, attention_mask, response_mask):
+        return response_logprobs(self.model, input_ids, attention_mask, response_mask, chunk_tokens=self.chunk_tokens)
+
+
+class RewardModule(torch.nn.Module):
+    """A sequence classifier (num_labels=1) read at the LAST REAL token of right-padded rows.
+
+    transformers' *ForSequenceClassification pick the rightmost token != config.pad_token_id;
+    that equals ours for right padding as long as pad != eos (when a tokenizer has no pad token
+    and EOS stands in, theirs would skip the response's closing EOS). We take the position from
+    the attention mask instead, so the reward never depends on which id pads.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        backbone = getattr(self.model, self.model.base_model_prefix)
+        head = getattr(self.model, "score", None)
+        out = backbone(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            use_cache=False,
+        )
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        last = attention_mask.long().sum(-1) - 1
+        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        if head is None:
+            raise TypeError(f"{type(self.model).__name__}: expected a sequence classifier with a `score` head")
+        return head(pooled).squeeze(-1).float()
+
+
+def _stats(**kw) -> dict:
+    return {k: float(kw.get(k, 0.0)) for k in STAT_KEYS}
+
+
+def _logps(policy: Callable, prompts, responses, pad_id: int, device) -> tuple[torch.Tensor, int]:
+    ids, attn, resp = collate_sequences(prompts, responses, pad_id, "right", device)
+    return policy(ids, attn, resp), int(attn.sum())
+
+
+def _ref_logps(rows, picks, ref_model, prompts, responses, pad_id, device) -> torch.Tensor:
+    """Reference log-probs of the picked responses: from the precomputed column, or online."""
+    if ref_model is None:
+        vals = [rows[i]["ref_logps"][j] for i, j in picks]
+        return torch.tensor(vals, dtype=torch.float64, device=device)
+    ids, attn, resp = collate_sequences(prompts, responses, pad_id, "right", device)
+    with torch.no_grad():
+        return response_logprobs(ref_model, ids, attn, resp).detach()
+
+
+def pair_objective(
+    rows: Sequence[dict],
+    pairs: Sequence[tuple[int, int]],
+    policy: Callable,
+    ref_model: torch.nn.Module | None,
+    pad_id: int,
+    *,
+    beta: float,
+    loss_type: str,
+    label_smoothing: float,
+    device=None,
+):
+    """DPO-family loss on (chosen, rejected) response indices per row (DPO, HPS sample mode).
+
+    One concatenated forward: rows' chosen then rejected sequences.
+    """
+    b = len(rows)
+    picks = [(i, c) for i, (c, _) in enumerate(pairs)] + [(i, r) for i, (_, r) in enumerate(pairs)]
+    prompts = [rows[i]["prompt_ids"] for i, _ in picks]
+    responses = [rows[i]["response_ids"][j] for i, j in picks]
+    pol, tokens = _logps(policy, prompts, responses, pad_id, device)
+    ref = _ref_logps(rows, picks, ref_model, prompts, responses, pad_id, device).to(pol.device)
+    out = dpo_loss(
+        pol[:b].float(), pol[b:].float(), ref[:b].float(), ref[b:].float(),
+        beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
+    )
+    loss = out.losses.mean()
+    cr, rr = out.chosen_rewards, out.rejected_rewards
+    stats = _stats(
+        n=b, loss=out.losses.detach().sum(), acc=reward_accuracy(cr, rr) * b, acc_n=b,
+        chosen=cr.sum(), rejected=rr.sum(), margin=(cr - rr).sum(), tokens=tokens,
+    )
+    return loss, stats
+
+
+def dpo_objective(rows, policy, ref_model, pad_id, *, beta, loss_type, label_smoothing, device=None):
+    return pair_objective(rows, [(0, 1)] * len(rows), policy, ref_model, pad_id, beta=beta,
+                          loss_type=loss_type, label_smoothing=label_smoothing, device=device)
+
+
+def hps_sample_pairs(rows: Sequence[dict], gamma: float, rngs: Sequence[np.random.Generator]) -> list[tuple[int, int]]:
+    """HPS public-code sampler per row: chosen = argmax reward, rejected ~ exp(gamma * r)."""
+    return [hps_sample_negative(r["rewards"], gamma, rng) for r, rng in zip(rows, rngs)]
+
+
+def hps_multi_objective(
+    rows: Sequence[dict],
+    policy: Callable,
+    ref_model: torch.nn.Module | None,
+    pad_id: int,
+    *,
+    beta: float,
+    gamma: float,
+    loss_type: str,
+    label_smoothing: float,
+    scale_by_n_minus_1: bool = True,
+    negatives: int | None = None,
+    rngs: Sequence[np.random.Generator] | None = None,
+    device=None,
+):
+    """HPS paper loss over all n-1 negatives (or a Monte Carlo subset of `negatives` of them).
+
+    Per row, slot 0 is the chosen (argmax reward) response and slots 1.. its negatives; rows
+    with fewer responses are masked. With the MC subset, the (n-1) factor uses the row's full
+    negative count (hps_sample_negatives_mc's documented estimator).
+    """
+    slots, counts = [], []
+    for k, r in enumerate(rows):
+        c = hps_select_chosen(r["rewards"])
+        n = len(r["rewards"])
+        if negatives is not None and negatives < n - 1:
+            negs = hps_sample_negatives_mc(r["rewards"], c, negatives, rngs[k])
+        else:
+            negs = [j for j in range(n) if j != c]
+        slots.append([c, *negs])
+        counts.append(n - 1)
+    width = max(len(s) for s in slots)
+    picks = [(i, j) for i, s in enumerate(slots) for j in s]
+    prompts = [rows[i]["prompt_ids"] for i, _ in picks]
+    responses = [rows[i]["response_ids"][j] for i, j in picks]
+    pol, tokens = _logps(policy, prompts, responses, pad_id, device)
+    ref = _ref_logps(rows, picks, ref_model, prompts, responses, pad_id, device).to(pol.device)
+    b = len(rows)
+    dev = pol.device
+    pol_m = torch.zeros(b, width, dtype=torch.float32, device=dev)
+    ref_m = torch.zeros(b, width, dtype=torch.float32, device=dev)
+    rm_m = torch.zeros(b, width, dtype=torch.float32, device=dev)
+    mask = torch.zeros(b, width, dtype=torch.bool, device=dev)
+    rows_idx, cols_idx = [], []
+    for i, s in enumerate(slots):
+        for k, j in enumerate(s):
+            rows_idx.append(i)
+            cols_idx.append(k)
+            rm_m[i, k] = float(rows[i]["rewards"][j])
+    ri = torch.tensor(rows_idx, device=dev)
+    ci = torch.tensor(cols_idx, device=dev)
+    pol_m = pol_m.index_put((ri, ci), pol.float())
+    ref_m = ref_m.index_put((ri, ci), ref.float())
+    mask[ri, ci] = True
+    losses = hps_multi_negative_loss(
+        pol_m, ref_m, rm_m, torch.zeros(b, dtype=torch.long, device=dev), beta=beta, gamma=gamma,
+        scale_by_n_minus_1=scale_by_n_minus_1, mask=mask, loss_type=loss_type,
+        label_smoothing=label_smoothing,
+        num_negatives=torch.tensor(counts, device=dev) if negatives is not None else None,
+    )
+    with torch.no_grad():
+        r = beta * (pol_m - ref_m)
+        r_w = r[:, 0]
+        neg = mask.clone()
+        neg[:, 0] = False
+        n_neg = neg.sum(-1)
+        rej_mean = torch.where(neg, r, torch.zeros_like(r)).sum(-1) / n_neg
+        correct = ((r_w[:, None] > r) & neg).sum()
+    stats = _stats(
+        n=b, loss=losses.detach().sum(), acc=correct, acc_n=n_neg.sum(), chosen=r_w.sum(),
+        rejected=rej_mean.sum(), margin=(r_w - rej_mean).sum(), tokens=tokens,
+    )
+    return losses.mean(), stats
+
+
+def rm_objective(rows, reward_fn: Callable, pad_id: int, *, center_coef: float = 0.0,
+                 use_margin: bool = False, device=None):
+    """Bradley-Terry loss: -logsigmoid(r_w - r_l - margin) (+ centering); rows are pairs."""
+    b = len(rows)
+    prompts = [r["prompt_ids"] for r in rows] * 2
+    responses = [r["response_ids"][0] for r in rows] + [r["response_ids"][1] for r in rows]
+    ids, attn, _ = collate_sequences(prompts, responses, pad_id, "right", device)
+    rewards = reward_fn(ids, attn)
+    rc, rr = rewards[:b], rewards[b:]
+    margin = None
+    if use_margin:
+        margin = torch.tensor([r["margin"] for r in rows], dtype=rc.dtype, device=rc.device)
+    losses = bt_loss(rc, rr, margin=margin, center_coef=center_coef)
+    rcd, rrd = rc.detach(), rr.detach()
+    stats = _stats(
+        n=b, loss=losses.detach().sum(), acc=reward_accuracy(rcd, rrd) * b, acc_n=b,
+        chosen=rcd.sum(), rejected=rrd.sum(), margin=(rcd - rrd).sum(), tokens=int(attn.sum()),
+    )
+    return losses.mean(), stats
+
+
+def sft_objective(rows, policy: Callable, pad_id: int, *, device=None):
+    """Supervised fine-tuning on the chosen response (response_ids[0]) of each row.
+
+    loss = -(sum of chosen-response token log-probs) / (number of chosen-response tokens), over
+    the micro-batch (token-weighted mean NLL). Per-example stats: `loss` sums each row's own
+    mean NLL per token; `chosen` sums each row's mean log-prob per token; acc/acc_n stay 0.
+    """
+    b = len(rows)
+    prompts = [r["prompt_ids"] for r in rows]
+    responses = [r["response_ids"][0] for r in rows]
+    ids, attn, resp = collate_sequences(prompts, responses, pad_id, "right", device)
+    logp = policy(ids, attn, resp)  # [B] summed response log-probs
+    ntok = resp.sum(-1).to(logp.dtype).clamp(min=1)
+    loss = -(logp.sum() / ntok.sum())
+    per_tok = (logp.detach() / ntok).float()
+    stats = _stats(n=b, loss=(-per_tok).sum(), acc=0.0, acc_n=0.0, chosen=per_tok.sum(),
+                   tokens=int(attn.sum()))
+    return loss.float(), stats
+
+
+def finish_stats(total: dict) -> dict:
+    """Sums -> the logged means."""
+    n = max(total.get("n", 0.0), 1.0)
+    return {
+        "loss": total["loss"] / n,
+        "reward_accuracy": total["acc"] / max(total["acc_n"], 1.0),
+        "chosen_reward": total["chosen"] / n,
+        "rejected_reward": total["rejected"] / n,
+        "margin": total["margin"] / n,
+        "examples": total["n"],
+        "tokens": total["tokens"],
+    }
