@@ -267,3 +267,21 @@ def test_killed_s3_run_is_unfinished_and_resumes(tiny_models, s3, tmp_path):
     t = _s3_scores(client, "runs/crash")
     rejected = [r["row_id"] for r in _s3_rejects(client, "runs/crash")]
     assert sorted(t["row_id"].to_pylist() + rejected) == list(range(len(rows)))  # nothing lost, nothing twice
+
+
+def test_training_checkpoints_go_to_s3(tiny_models, s3, tmp_path):
+    """Ray Train's RunConfig(storage_path="s3://...") through `prefsel train --storage-path`."""
+    from prefsel.cli import main
+
+    client, _ = s3
+    data = write_jsonl(tmp_path / "pairs.jsonl", [r for r in _rows() if isinstance(r, dict) and "chosen" in r])
+    args = ["train", "dpo", "--model", tiny_models[0], "--data", str(data), "--output", str(tmp_path / "dpo"),
+            "--storage-path", f"s3://{BUCKET}/ckpt", "--run-name", "run1", "--strategy", "ddp",
+            "--train-batch-size", "4", "--save-steps", "2", "--max-steps", "4", "--learning-rate", "1e-4",
+            "--no-progress", "--no-tensorboard"]
+    assert main(args) == 0
+    keys = _keys(client, "ckpt/run1/")
+    # checkpoint folders (Ray Train also keeps a checkpoint_manager_snapshot.json beside them)
+    ckpts = {k.split("/")[2] for k in keys if len(k.split("/")) > 3 and k.split("/")[2].startswith("checkpoint_")}
+    assert len(ckpts) == 2, keys  # --save-steps 2 with --max-steps 4: steps 2 and 4
+    assert (tmp_path / "dpo" / "final" / "config.json").exists()
