@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 
 def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -122,25 +121,34 @@ def cmd_select(args: argparse.Namespace) -> dict:
 
 def demo_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = p or argparse.ArgumentParser(prog="prefsel demo")
-    p.add_argument("--output", default="runs/demo", help="where models, scores and the selection go")
-    p.add_argument("--ratio", type=float, default=0.1)
-    p.add_argument("--overwrite", action="store_true", default=True)
+    p.add_argument("--output", default="runs/demo", help="where data, models, scores, runs and results go")
+    p.add_argument("--quick", action="store_true", help="CI size: 1 seed, 200 pairs, smaller model, 10 short training runs")
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="seeds of the per-method runs (default: 0 1 2; --quick: 0)")
+    p.add_argument("--ratio", type=float, default=0.1, help="fraction kept by the 10%% selections")
+    p.add_argument("--mislabeled", type=float, default=None,
+                   help="share of flipped training pairs (default 0.02)")
+    p.add_argument("--overwrite", dest="overwrite", action="store_true", default=True,
+                   help="replace an existing --output (the default)")
+    p.add_argument("--no-overwrite", dest="overwrite", action="store_false",
+                   help="refuse to run into a non-empty --output")
+    p.add_argument("--no-local-mode", dest="local_mode", action="store_false",
+                   help="train on Ray Train worker groups (as on a cluster) instead of Ray Train local mode "
+                        "in this process; slower at this scale (worker start-up per run)")
     return p
 
 
 def cmd_demo(args: argparse.Namespace) -> dict:
-    """The embedded default: tiny local models, the bundled pairs, score and select."""
-    from prefsel.demo_data import demo_pairs_path
-    from prefsel.tiny import build_tiny_pair
+    """The embedded default: the paper's experiment end to end at toy scale (prefsel.demo)."""
+    from prefsel.demo import DemoConfig, run_demo
 
-    out = Path(args.output)
-    policy, reference = build_tiny_pair(out / "models")
-    ns = select_parser().parse_args([
-        "--policy", policy, "--reference", reference, "--data", demo_pairs_path(),
-        "--output", str(out / "selected"), "--scores-output", str(out / "scores"),
-        "--ratio", str(args.ratio), "--chunk-rows", "64", "--overwrite",
-    ])
-    return cmd_select(ns)
+    kw = {"output": args.output, "ratio": args.ratio, "overwrite": args.overwrite, "local_mode": args.local_mode}
+    if args.seeds:
+        kw["seeds"] = list(args.seeds)
+    if args.mislabeled is not None:
+        kw["mislabeled"] = args.mislabeled
+    cfg = DemoConfig.quick_config(**kw) if args.quick else DemoConfig(**kw)
+    return run_demo(cfg)
 
 
 COMMANDS = {

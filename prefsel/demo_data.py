@@ -1,4 +1,6 @@
-"""The small bundled preference set used by the embedded default and the tests.
+"""The small arithmetic preference set used by the tests and bench/score_cpu.py.
+
+(`prefsel demo` has its own task: prefsel.demo.task.)
 
 Arithmetic questions with a correct chosen answer and a rejected answer that is wrong by a
 controlled amount; a few pairs are deliberately mislabeled. Generated deterministically from a

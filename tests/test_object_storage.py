@@ -5,7 +5,7 @@ variables (AWS_ENDPOINT_URL with an http:// URL, dummy keys, a region). Ray work
 input chunks, so they need those variables too: the session's Ray was started before this
 module set them, so the module restarts it (a local Ray's workers inherit the driver's
 environment at `ray.init`), and restores the session's Ray at the end. On a cluster, pass the
-variables in the job's runtime_env `env_vars` instead (docs/readme/cluster.md).
+variables in the job's runtime_env `env_vars` instead (README.md, "Object storage").
 Nothing here talks to AWS: every request goes to 127.0.0.1.
 """
 

@@ -234,6 +234,10 @@ def test_config_defaults_and_validation():
         TrainConfig("dpo", "m", "d", "/o", train_batch_size=5, num_workers=2)
     with pytest.raises(ValueError, match="zero-stage 3"):
         TrainConfig("dpo", "m", "d", "/o", offload_param=True)
+    with pytest.raises(ValueError, match="--local-mode runs without a process group"):
+        TrainConfig("dpo", "m", "d", "/o", local_mode=True)  # default strategy deepspeed
+    with pytest.raises(ValueError, match="--num-workers must be 1"):
+        TrainConfig("dpo", "m", "d", "/o", local_mode=True, strategy="ddp", num_workers=2, train_batch_size=8)
 
 
 # ---- Ray Train runs ----------------------------------------------------------------------------------
@@ -310,10 +314,12 @@ def test_reward_model_ranks_held_out_pairs(ray_local, toy):
         assert (score(0) > score(1)).float().mean() >= 0.8
 
 
-@pytest.mark.parametrize("strategy", [("--strategy", "ddp"), ("--zero-stage", "3")], ids=["ddp", "zero3"])
+@pytest.mark.parametrize("strategy", [("--strategy", "ddp"), ("--zero-stage", "3"),
+                                      ("--strategy", "ddp", "--local-mode", "--num-workers", "1")], ids=["ddp", "zero3", "ddp-local"])
 def test_zero_and_ddp_give_the_same_loss_curve(dpo_zero2, toy, strategy):
+    """Same loss curve from ZeRO-2 (fixture), DDP, ZeRO-3 and Ray Train local mode (in-process)."""
     ref_out, _ = dpo_zero2
-    out = toy["dir"] / f"cmp_{strategy[-1]}"
+    out = toy["dir"] / f"cmp_{'_'.join(a.strip('-') for a in strategy[:3])}"
     _run(_args("dpo", toy, out, "--data", toy["pairs"], *strategy, *DPO_FLAGS, "--max-steps", "4",
                "--no-tensorboard"))
     a, b = _curve(ref_out), _curve(out)

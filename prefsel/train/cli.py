@@ -61,6 +61,9 @@ def _shared(p: argparse.ArgumentParser, task: str) -> None:
     d.add_argument("--num-workers", type=int, default=1)
     d.add_argument("--use-gpu", action="store_true")
     d.add_argument("--cpus-per-worker", type=float, default=1.0)
+    d.add_argument("--local-mode", action="store_true",
+                   help="Ray Train local mode: run the loop in this process (one worker, --strategy ddp, "
+                        "no checkpoints kept); for debugging and tiny runs")
     d.add_argument("--storage-path", default=None, help="Ray Train storage (default: OUTPUT); s3:// works")
     d.add_argument("--run-name", default="train")
     d.add_argument("--max-failures", type=int, default=0, help="restarts from the last checkpoint")

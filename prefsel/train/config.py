@@ -87,6 +87,9 @@ class TrainConfig:
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    # Ray Train local mode (ScalingConfig(num_workers=0)): the loop runs in this process, no
+    # worker actors; for debugging and tiny runs. Checkpoints are not persisted, so no resume.
+    local_mode: bool = False
     # logging / checkpoints
     logging_steps: int = 1
     eval_steps: int | None = None  # None: only at the end of training (when eval data is given)
@@ -144,6 +147,9 @@ class TrainConfig:
             (self.center_coef >= 0, "--center-coef must be >= 0"),
             (self.lora_rank >= 0, "--lora-rank must be >= 0"),
             (not (self.offload_param and self.zero_stage != 3), "--offload-param needs --zero-stage 3"),
+            (not self.local_mode or self.num_workers == 1, "--local-mode runs one process: --num-workers must be 1"),
+            (not self.local_mode or self.strategy == "ddp", "--local-mode runs without a process group: use --strategy ddp"),
+            (not (self.local_mode and self.resume), "--local-mode keeps no checkpoints: --resume is not possible"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -203,7 +209,7 @@ class TrainConfig:
         return self.output.rstrip("/")
 
     def gamma_at(self, step: int, total_steps: int) -> float:
-        """Hardness gamma for a training step (HPS). See docs/readme/train.md."""
+        """Hardness gamma for a training step (HPS). See README.md, "What each objective computes"."""
         from prefsel.losses import gamma_schedule
 
         if self.gamma is not None:

@@ -80,8 +80,8 @@ def run_train(cfg: TrainConfig) -> dict:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "meta": meta},
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=0, use_gpu=cfg.use_gpu) if cfg.local_mode else
+        ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         run_config=RunConfig(
             storage_path=cfg.resolved_storage_path,
@@ -118,7 +118,7 @@ def run_train(cfg: TrainConfig) -> dict:
         "reference_precompute_s": round(t_ref, 2),
         "wall_s": round(wall, 2),
         "final_metrics": final_metrics,
-        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "checkpoint": result.checkpoint.path if result.checkpoint and not cfg.local_mode else None,
         "output": cfg.output,
         "final_model": worker.get("final_model", cfg.output.rstrip("/") + "/final"),
         "config": cfg.to_dict(),

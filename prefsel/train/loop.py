@@ -211,6 +211,9 @@ class Logger:
 def _save_checkpoint(engine, cfg: TrainConfig, step: int, metrics: dict, rank: int) -> None:
     import ray.train
 
+    if cfg.local_mode:  # local mode keeps no checkpoints: report the metrics only
+        ray.train.report(metrics)
+        return
     d = tempfile.mkdtemp(prefix=f"prefsel-ckpt-{rank}-")
     try:
         state_dir = os.path.join(d, "state")
@@ -265,7 +268,8 @@ def train_loop_per_worker(config: dict) -> None:
         device = ray.train.torch.get_device()
     else:
         device = torch.device("cpu")
-        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+        if not cfg.local_mode:  # local mode shares the caller's process: leave its threads alone
+            torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
 

@@ -1,0 +1,327 @@
+"""The demo pipeline: data -> SFT -> DPO scorer -> gaps -> selections -> RM + DPO per method -> eval.
+
+Everything runs on the local Ray (or RAY_ADDRESS), on CPU, with the library's own jobs:
+prefsel.train.run_train (tasks sft, dpo, rm), prefsel.score_job.run_score,
+prefsel.selection.run_select. Evaluation runs in this process with prefsel.scoring.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+METHODS = ("smallest-gap", "random", "largest-gap", "full")
+METHOD_LABELS = {
+    "smallest-gap": "smallest-gap 10%",
+    "random": "random 10%",
+    "largest-gap": "largest-gap 10%",
+    "full": "all 100%",
+}
+METRICS = ("rm_accuracy", "dpo_reward_accuracy", "heldout_loglik")
+METRIC_LABELS = {
+    "rm_accuracy": "RM accuracy",
+    "dpo_reward_accuracy": "DPO reward accuracy",
+    "heldout_loglik": "held-out log-lik / token",
+}
+
+DATA_SEED = 0  # training pairs
+EVAL_SEED = 1000  # held-out pairs (never mislabeled)
+MODEL_SEED = 0  # tiny model init, SFT and the DPO scorer (shared by all seeds)
+
+
+@dataclass
+class DemoConfig:
+    output: str = "runs/demo"
+    quick: bool = False
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    ratio: float = 0.1
+    n_train: int = 2000
+    n_eval: int = 500
+    mislabeled: float = 0.02
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_layers: int = 2
+    vocab_size: int = 512
+    batch_size: int = 16
+    sft_epochs: int = 1
+    scorer_epochs: int = 2
+    epochs: int = 2  # RM and DPO on each selection (same epochs for every method)
+    lr_sft: float = 3e-3
+    lr_dpo: float = 1e-3
+    lr_rm: float = 1e-3
+    beta: float = 0.1
+    # Ray Train local mode: each run executes in this process, one after another. At this scale
+    # a run is a few seconds of optimisation; a worker group's start-up would cost 10-30 s more.
+    local_mode: bool = True
+    parallel: int = 2  # concurrent Ray Train runs for the per-method models (worker mode only)
+    overwrite: bool = True
+
+    @classmethod
+    def quick_config(cls, **kw) -> DemoConfig:
+        base = dict(quick=True, seeds=[0], n_train=200, n_eval=64, hidden_size=32, intermediate_size=64,
+                    vocab_size=384, batch_size=8, sft_epochs=2, scorer_epochs=1, epochs=1)
+        base.update(kw)
+        return cls(**base)
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return str(path)
+
+
+def _log(msg: str) -> None:
+    print(f"[prefsel demo] {msg}", flush=True)
+
+
+class Demo:
+    def __init__(self, cfg: DemoConfig) -> None:
+        self.cfg = cfg
+        self.out = Path(cfg.output).absolute()
+        self.timings: dict[str, float] = {}
+
+    # ---- stages ------------------------------------------------------------------------------
+    def prepare(self) -> None:
+        from prefsel.demo.task import make_sort_pairs
+        from prefsel.tiny import build_tiny_llama, build_tiny_tokenizer
+
+        c = self.cfg
+        if self.out.exists() and any(self.out.iterdir()):
+            if not c.overwrite:
+                raise FileExistsError(f"--output {self.out} is not empty: pass --overwrite or another folder")
+            shutil.rmtree(self.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        train = make_sort_pairs(c.n_train, seed=DATA_SEED, mislabeled=c.mislabeled)
+        held = make_sort_pairs(c.n_eval, seed=EVAL_SEED, mislabeled=0.0)
+        self.train_rows, self.eval_rows = train, held
+        self.train_path = _write_jsonl(self.out / "data" / "train.jsonl", train)
+        self.eval_path = _write_jsonl(self.out / "data" / "eval.jsonl", held)
+        texts = [r["prompt"] + r["chosen"] + r["rejected"] for r in train]
+        tok = build_tiny_tokenizer(texts, vocab_size=c.vocab_size, chat_template=False)
+        import torch
+
+        model = build_tiny_llama(len(tok), hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+                                 num_layers=c.num_layers, seed=MODEL_SEED, bos_token_id=tok.bos_token_id,
+                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        with torch.no_grad():  # calm init (as tests/test_train.py) so training is smooth
+            for p in model.parameters():
+                if p.dim() > 1:
+                    p.normal_(0.0, 0.05)
+        self.init_path = str(self.out / "models" / "init")
+        model.save_pretrained(self.init_path)
+        tok.save_pretrained(self.init_path)
+
+    def train(self, task: str, model: str, data: str, output: Path, seed: int, epochs: int, n_rows: int) -> dict:
+        from prefsel.train.config import TrainConfig
+        from prefsel.train.job import run_train
+
+        c = self.cfg
+        lr = {"sft": c.lr_sft, "dpo": c.lr_dpo, "rm": c.lr_rm}[task]
+        bs = max(1, min(c.batch_size, n_rows))
+        cfg = TrainConfig(
+            task=task, model=model, data=data, output=str(output), chat_template="none",
+            learning_rate=lr, lr_warmup_ratio=0.0, epochs=epochs, train_batch_size=bs,
+            micro_train_batch_size=bs, seed=seed, beta=c.beta if task == "dpo" else None,
+            strategy="ddp", num_workers=1, local_mode=c.local_mode, cpus_per_worker=1.0, ref_mode="online",
+            use_tensorboard=False, progress=False, overwrite=True, keep_checkpoints=1,
+            run_name=f"demo-{task}",
+        )
+        t0 = time.time()
+        s = run_train(cfg)
+        s["demo_wall_s"] = time.time() - t0
+        fm = s.get("final_metrics") or {}
+        _log(f"train {task} on {s['rows_used']} pairs -> {output.relative_to(self.out)}: {s['steps']} steps, "
+             f"loss {fm.get('loss', float('nan')):.4f}, {s['demo_wall_s']:.1f}s")
+        return s
+
+    def score_and_select(self) -> dict[str, str]:
+        from prefsel.score_job import ScoreJobConfig, run_score
+        from prefsel.selection import SelectConfig, run_select
+
+        t0 = time.time()
+        self.scores_path = str(self.out / "scores")
+        run_score(ScoreJobConfig(policy=self.scorer_path, reference=self.sft_path, data=self.train_path,
+                                 output=self.scores_path, chat_template="none", beta=self.cfg.beta,
+                                 chunk_rows=256, overwrite=True))
+        self.timings["score_s"] = time.time() - t0
+        sel = {}
+        self.select_summaries = {}
+        for strategy in ("smallest-gap", "largest-gap"):
+            out = str(self.out / "selections" / strategy)
+            self.select_summaries[strategy] = run_select(SelectConfig(
+                scores=self.scores_path, output=out, ratio=self.cfg.ratio, strategy=strategy, overwrite=True))
+            sel[strategy] = out
+        _log(f"scored {len(self.train_rows)} pairs and selected in {time.time() - t0:.1f}s")
+        return sel
+
+    def select_random(self, seed: int) -> str:
+        from prefsel.selection import SelectConfig, run_select
+
+        out = str(self.out / "selections" / f"random-seed{seed}")
+        self.select_summaries[f"random-seed{seed}"] = run_select(SelectConfig(
+            scores=self.scores_path, output=out, ratio=self.cfg.ratio, strategy="random", seed=seed,
+            overwrite=True))
+        return out
+
+    # ---- evaluation ----------------------------------------------------------------------------
+    def tokenized_eval(self):
+        from prefsel.formats import to_example
+        from prefsel.models import load_tokenizer
+        from prefsel.tokenization import PairTokenizer
+
+        tok = load_tokenizer(self.sft_path)
+        pt = PairTokenizer(tok, "none")
+        self.pad_id = tok.pad_token_id
+        self.eval_tok = [pt.encode(to_example(r, "pairs")) for r in self.eval_rows]
+
+    def eval_rm(self, path: str) -> float:
+        import torch
+        from transformers import AutoModelForSequenceClassification
+
+        from prefsel.logprobs import collate_sequences
+        from prefsel.train.objectives import RewardModule
+
+        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).eval()
+        rm = RewardModule(model)
+        correct = 0
+        with torch.no_grad():
+            for i in range(0, len(self.eval_tok), 64):
+                batch = self.eval_tok[i : i + 64]
+                prompts = [p.prompt_ids for p in batch] * 2
+                resps = [p.chosen_ids for p in batch] + [p.rejected_ids for p in batch]
+                ids, attn, _ = collate_sequences(prompts, resps, self.pad_id, "right", None)
+                r = rm(ids, attn)
+                correct += int((r[: len(batch)] > r[len(batch):]).sum())
+        return correct / len(self.eval_tok)
+
+    def eval_policy(self, path: str) -> tuple[float, float]:
+        """(reward accuracy vs the SFT reference, mean per-token log-prob of the chosen answers)."""
+        from prefsel.models import load_causal_lm
+        from prefsel.scoring import PairScorer, ScoreConfig
+
+        policy = load_causal_lm(path, dtype="fp32", device="cpu")
+        scorer = PairScorer(policy, self.sft_model, self.pad_id, ScoreConfig(beta=self.cfg.beta), "cpu")
+        res = scorer.score(self.eval_tok)
+        acc = sum(r["gap"] > 0 for r in res) / len(res)
+        return acc, self.loglik(policy)
+
+    def loglik(self, model) -> float:
+        from prefsel.scoring import ScoreConfig, sequences_logprobs
+
+        (lp,) = sequences_logprobs([model], [p.prompt_ids for p in self.eval_tok],
+                                   [p.chosen_ids for p in self.eval_tok], self.pad_id, ScoreConfig(), "cpu")
+        per_tok = [v / len(p.chosen_ids) for v, p in zip(lp, self.eval_tok)]
+        return sum(per_tok) / len(per_tok)
+
+    # ---- the whole run -------------------------------------------------------------------------
+    def run(self) -> dict:
+        os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # one "Loading weights" bar per model load; the demo logs its stages
+        from prefsel.models import load_causal_lm
+        from prefsel.score_job import init_ray
+
+        c = self.cfg
+        t_all = time.time()
+        self.prepare()
+        init_ray()
+        self.timings["setup_s"] = time.time() - t_all
+        n = len(self.train_rows)
+        t0 = time.time()
+        sft = self.train("sft", self.init_path, self.train_path, self.out / "models" / "sft", MODEL_SEED,
+                         c.sft_epochs, n)
+        self.sft_path = sft["final_model"]
+        scorer = self.train("dpo", self.sft_path, self.train_path, self.out / "models" / "dpo", MODEL_SEED,
+                            c.scorer_epochs, n)
+        self.scorer_path = scorer["final_model"]
+        self.timings["sft_and_scorer_s"] = time.time() - t0
+        sel = self.score_and_select()
+        self.tokenized_eval()
+        self.sft_model = load_causal_lm(self.sft_path, dtype="fp32", device="cpu")
+        baseline = {"sft_heldout_loglik": self.loglik(self.sft_model)}
+        scorer_acc, scorer_ll = self.eval_policy(self.scorer_path)
+        baseline.update(scorer_dpo_reward_accuracy=scorer_acc, scorer_heldout_loglik=scorer_ll)
+        # every (seed, method, task) run, `parallel` Ray Train runs at a time (Ray Train's per-run
+        # start-up, not the few optimizer steps, is what costs time at this scale)
+        jobs = []
+        for seed in c.seeds:
+            data = {"smallest-gap": sel["smallest-gap"], "random": self.select_random(seed),
+                    "largest-gap": sel["largest-gap"], "full": self.train_path}
+            for method in METHODS:
+                k = n if method == "full" else self.select_summaries[
+                    f"random-seed{seed}" if method == "random" else method]["rows_selected"]
+                for task in ("rm", "dpo"):
+                    jobs.append((seed, method, task, data[method], k))
+        t0 = time.time()
+        done = {}
+        if c.parallel > 1 and not c.local_mode:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(max_workers=c.parallel) as pool:
+                futs = {(s, m, t): pool.submit(self.train, t, self.sft_path, d,
+                                               self.out / "runs" / f"seed{s}" / m / t, s, c.epochs, k)
+                        for s, m, t, d, k in jobs}
+                done = {key: f.result() for key, f in futs.items()}
+        else:
+            for s, m, t, d, k in jobs:
+                done[(s, m, t)] = self.train(t, self.sft_path, d, self.out / "runs" / f"seed{s}" / m / t, s,
+                                             c.epochs, k)
+        self.timings["methods_train_s"] = time.time() - t0
+        runs = []
+        for seed in c.seeds:
+            for method in METHODS:
+                rm, dpo = done[(seed, method, "rm")], done[(seed, method, "dpo")]
+                rm_acc = self.eval_rm(rm["final_model"])
+                dpo_acc, ll = self.eval_policy(dpo["final_model"])
+                run = {"seed": seed, "method": method, "pairs": rm["rows_used"], "dpo_pairs": dpo["rows_used"],
+                       "rm_accuracy": rm_acc, "dpo_reward_accuracy": dpo_acc, "heldout_loglik": ll,
+                       "rm_steps": rm["steps"], "dpo_steps": dpo["steps"],
+                       "rm_train_s": rm["demo_wall_s"], "dpo_train_s": dpo["demo_wall_s"],
+                       "rm_model": rm["final_model"], "dpo_model": dpo["final_model"]}
+                _log(f"seed {seed} {METHOD_LABELS[method]}: RM acc {rm_acc:.3f}, DPO reward acc {dpo_acc:.3f}, "
+                     f"log-lik {ll:.4f}")
+                runs.append(run)
+        self.timings["methods_s"] = time.time() - t0
+        self.timings["total_s"] = time.time() - t_all
+        from prefsel.demo.report import write_report
+
+        result = {
+            "config": asdict(c),
+            "seeds": {"data": DATA_SEED, "eval": EVAL_SEED, "model_sft_scorer": MODEL_SEED,
+                      "methods": list(c.seeds)},
+            "data": {"train_pairs": n, "eval_pairs": len(self.eval_rows), "mislabeled_train":
+                     sum(r["mislabeled"] for r in self.train_rows), "selected_pairs": math.floor(n * c.ratio)},
+            "baseline": baseline,
+            "selection": {k: {kk: v.get(kk) for kk in ("rows_selected", "cutoff_gap", "selected_gap_mean",
+                                                          "negative_gaps")}
+                          for k, v in self.select_summaries.items()},
+            "selection_composition": self.composition(sel),
+            "runs": runs,
+            "models": {"init": self.init_path, "sft": self.sft_path, "scorer_dpo": self.scorer_path},
+            "timings_s": {k: round(v, 1) for k, v in self.timings.items()},
+        }
+        return write_report(result, self.out)
+
+    def composition(self, sel: dict[str, str]) -> dict:
+        """How many mislabeled pairs, and which error sizes, each gap selection holds."""
+        from collections import Counter
+
+        out = {}
+        for name, folder in sel.items():
+            with open(os.path.join(folder, "selected.jsonl")) as f:
+                rows = [json.loads(line) for line in f]
+            out[name] = {"mislabeled": sum(bool(r.get("mislabeled")) for r in rows),
+                         "error_counts": dict(sorted(Counter(int(r["error"]) for r in rows).items()))}
+        return out
+
+
+def run_demo(cfg: DemoConfig) -> dict:
+    return Demo(cfg).run()
