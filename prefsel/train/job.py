@@ -118,7 +118,7 @@ def run_train(cfg: TrainConfig) -> dict:
         "reference_precompute_s": round(t_ref, 2),
         "wall_s": round(wall, 2),
         "final_metrics": final_metrics,
-        "checkpoint": result.checkpoint.path if result.checkpoint and not cfg.local_mode else None,
+        "checkpoint": result.checkpoint.path if result.checkpoint else None,
         "output": cfg.output,
         "final_model": worker.get("final_model", cfg.output.rstrip("/") + "/final"),
         "config": cfg.to_dict(),
