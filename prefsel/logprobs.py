@@ -17,7 +17,15 @@ import torch
 DEFAULT_CHUNK_TOKENS = 1024
 
 
+def unwrap_adapters(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under a peft wrapper (its adapters are injected in place, so they
+    still act); any other model as it is."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
 def _backbone_and_head(model):
+    model = unwrap_adapters(model)
     head = model.get_output_embeddings()
     backbone = getattr(model, getattr(model, "base_model_prefix", "model"), None)
     if head is None or backbone is None or backbone is model:

@@ -314,6 +314,37 @@ def test_reward_model_ranks_held_out_pairs(ray_local, toy):
         assert (score(0) > score(1)).float().mean() >= 0.8
 
 
+@pytest.mark.parametrize("task", ["dpo", "rm"])
+def test_lora_trains_adapters_and_saves_a_merged_low_rank_update(ray_local, toy, task):
+    """--lora-rank: only the adapters (and an RM's new score head) learn; the saved model is
+    merged, so every projection it changed moved by a matrix of rank <= r, and everything else
+    (embeddings, norms) is bit-identical to the base."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    out = toy["dir"] / f"lora_{task}"
+    s = _run(_args(task, toy, out, "--data", toy["pairs"], "--eval-data", toy["pairs_eval"], "--zero-stage", "2",
+                   "--lora-rank", "4", "--lora-alpha", "8", *DPO_FLAGS[:5], "1e-2", *DPO_FLAGS[6:],
+                   "--no-tensorboard"))
+    fm = s["final_metrics"]
+    print(f"LoRA {task} final", {k: fm[k] for k in ("loss", "reward_accuracy", "eval_reward_accuracy")})
+    assert fm["loss"] < 0.6 and fm["eval_reward_accuracy"] >= 0.8
+    cls = AutoModelForCausalLM if task == "dpo" else AutoModelForSequenceClassification
+    base = cls.from_pretrained(toy["model"], num_labels=1) if task == "rm" else cls.from_pretrained(toy["model"])
+    base, final = base.state_dict(), cls.from_pretrained(out / "final").state_dict()
+    assert sorted(final) == sorted(base)  # merged: plain Llama keys, no lora_A / lora_B
+    changed = 0
+    for name, w in base.items():
+        delta = (final[name] - w).double()
+        if name.endswith("proj.weight"):  # peft "all-linear": attention and MLP projections
+            assert torch.linalg.matrix_rank(delta, atol=1e-6).item() <= 4, name
+            changed += bool(delta.abs().max() > 0)
+        elif name == "score.weight":  # the RM's new head: initialised from --seed, trained in full
+            continue
+        else:
+            assert torch.equal(final[name], w), name
+    assert changed == 2 * 7  # 2 layers x (q, k, v, o, gate, up, down)
+
+
 @pytest.mark.parametrize("strategy", [("--strategy", "ddp"), ("--zero-stage", "3"),
                                       ("--strategy", "ddp", "--local-mode", "--num-workers", "1")], ids=["ddp", "zero3", "ddp-local"])
 def test_zero_and_ddp_give_the_same_loss_curve(dpo_zero2, toy, strategy):

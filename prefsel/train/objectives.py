@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from prefsel.logprobs import collate_sequences, position_ids_from_mask, response_logprobs
+from prefsel.logprobs import collate_sequences, position_ids_from_mask, response_logprobs, unwrap_adapters
 from prefsel.losses import (
     bt_loss,
     dpo_loss,
@@ -61,8 +61,9 @@ class RewardModule(torch.nn.Module):
         self.model = model
 
     def forward(self, input_ids, attention_mask):
-        backbone = getattr(self.model, self.model.base_model_prefix)
-        head = getattr(self.model, "score", None)
+        model = unwrap_adapters(self.model)
+        backbone = getattr(model, model.base_model_prefix)
+        head = getattr(model, "score", None)
         out = backbone(
             input_ids=input_ids,
             attention_mask=attention_mask,
