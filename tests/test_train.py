@@ -346,11 +346,14 @@ def test_lora_trains_adapters_and_saves_a_merged_low_rank_update(ray_local, toy,
 
 
 @pytest.mark.parametrize("strategy", [("--strategy", "ddp"), ("--zero-stage", "3"),
-                                      ("--strategy", "ddp", "--local-mode", "--num-workers", "1")], ids=["ddp", "zero3", "ddp-local"])
+                                      ("--strategy", "ddp", "--local-mode", "--num-workers", "1"),
+                                      ("--strategy", "ddp", "--gradient-checkpointing")],
+                         ids=["ddp", "zero3", "ddp-local", "ddp-grad-ckpt"])
 def test_zero_and_ddp_give_the_same_loss_curve(dpo_zero2, toy, strategy):
-    """Same loss curve from ZeRO-2 (fixture), DDP, ZeRO-3 and Ray Train local mode (in-process)."""
+    """Same loss curve from ZeRO-2 (fixture), DDP, ZeRO-3, Ray Train local mode (in-process) and
+    activation checkpointing (recomputation changes memory, not the numbers)."""
     ref_out, _ = dpo_zero2
-    out = toy["dir"] / f"cmp_{'_'.join(a.strip('-') for a in strategy[:3])}"
+    out = toy["dir"] / f"cmp_{'_'.join(a.strip('-') for a in strategy)}"
     _run(_args("dpo", toy, out, "--data", toy["pairs"], *strategy, *DPO_FLAGS, "--max-steps", "4",
                "--no-tensorboard"))
     a, b = _curve(ref_out), _curve(out)
