@@ -281,7 +281,9 @@ def init_ray(num_cpus: int | None = None) -> None:
         if address:
             ray.init(address=address, log_to_driver=True)
         else:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+            # Keep Ray's dashboard: it serves the State API, which Ray Train V2's placement-group
+            # cleaner polls (without it: a warning every few seconds and no cleanup).
+            ray.init(num_cpus=num_cpus, log_to_driver=True)
 
 
 def chunk_rows_for_ray(chunks: list[Chunk]) -> list[dict]:
