@@ -27,7 +27,7 @@ must give the same loss (the two tokenize identically on this data: one BOS, EOS
 no BPE merge across the prompt/response join), else the timings would compare different work.
 
     pip install -e ".[dev,bench]"                 # trl is in the bench extra
-    python bench/train_cpu.py                     # 1024 pairs, batch 32, micro 8, about 2 minutes
+    python bench/train_cpu.py                     # 1024 pairs, batch 32, micro 8, about a minute
     python bench/train_cpu.py --pairs 512 --json /tmp/train_cpu.json
 """
 
@@ -81,7 +81,7 @@ def run_trl(args, pol_dir, ref_dir, rows, out_dir) -> dict:
     steps = trainer.state.global_step
     loop = out.metrics["train_runtime"]
     return {"steps": steps, "loop_s": loop, "wall_s": wall, "tokens": tokens,
-            "samples": steps * args.batch, "final_loss": trainer.state.log_history[-2].get("loss")}
+            "samples": steps * args.batch, "final_loss": next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), None)}
 
 
 def run_prefsel(args, pol_dir, ref_dir, data_path, out_dir, *, local: bool, ref_mode: str) -> dict:
