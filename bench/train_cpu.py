@@ -171,8 +171,9 @@ def main(argv=None) -> int:
             for r in rows:
                 f.write(json.dumps({k: r[k] for k in ("prompt", "chosen", "rejected")}) + "\n")
 
-        ours, theirs = same_loss_check(args, pol_dir, ref_dir, data_path,
-                                       trl_trainer(args, pol_dir, ref_dir, rows[:16], os.path.join(tmp, "trl-check")))
+        check = trl_trainer(args, pol_dir, ref_dir, rows[:16], os.path.join(tmp, "trl-check"))
+        n_params = sum(p.numel() for p in check.model.parameters())
+        ours, theirs = same_loss_check(args, pol_dir, ref_dir, data_path, check)
         print(f"same-batch check (8 pairs, policy != reference): prefsel loss {ours:.7f}, TRL loss {theirs:.7f}, "
               f"|diff| {abs(ours - theirs):.1e}")
         if abs(ours - theirs) > 1e-4:
@@ -187,9 +188,6 @@ def main(argv=None) -> int:
         results["prefsel local, ref precompute"] = run_prefsel(args, pol_dir, ref_dir, data_path,
                                                                os.path.join(tmp, "p-pre"), local=True,
                                                                ref_mode="precompute")
-        from transformers import AutoModelForCausalLM
-
-        n_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(pol_dir).parameters())
 
     import trl
 
