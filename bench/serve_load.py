@@ -6,7 +6,8 @@
 The server (local Ray + Serve, two apps: batching on at /on, max_batch_size=1 at /off) runs in
 this process; the load comes from a second process (this file with --client) posting to
 127.0.0.1 only. Each (app, concurrency) cell is bounded by --requests-per-worker and --max-seconds.
-Prints one table: pairs/s, p50/p99 latency per mode, and the on/off throughput ratio.
+Prints one table: pairs/s, p50/p99 latency per mode, and the on/off throughput ratio; then the
+replicas' batching counters and memory (from /v1/stats).
 """
 
 from __future__ import annotations
@@ -174,6 +175,8 @@ def main(argv=None) -> int:
     print(f"batching on: {stats['on']['batches']} scorer calls for {stats['on']['requests']} requests "
           f"(mean {stats['on']['mean_batch_requests']:.2f}, max {stats['on']['max_batch_requests']}); "
           f"off: {stats['off']['batches']} calls for {stats['off']['requests']} requests")
+    print("replica memory (rss now / peak): " + ", ".join(
+        f"{m} {stats[m]['rss_bytes'] / 2**20:.0f} / {stats[m]['peak_rss_bytes'] / 2**20:.0f} MiB" for m in ("on", "off")))
     if a.json:
         Path(a.json).write_text(json.dumps({"rows": rows, "stats": stats, "args": vars(a)}, indent=2))
     return 0

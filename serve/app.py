@@ -1,58 +1,56 @@
 """Ray Serve application: reward-gap scoring over HTTP, with the batch pipeline's own code.
 
-The request handler validates and tokenizes every pair (prefsel.formats, prefsel.tokenization)
-before anything is queued, so a bad pair answers 4xx on its own request and never reaches a
-batch. Good requests from concurrent clients are merged by `@serve.batch` into one
-`PairScorer.score` call (token-budget batches inside); a pair's log-probs do not depend on its
-batch-mates, so merging is exact. Rewards and gaps are computed per request from the log-probs
-with `prefsel.gap.reward_gap`, so each request may carry its own beta.
+A request to /v1/gap goes, in this order: bearer token (401, before the body is read), body size
+(413 from Content-Length before reading, or while counting a chunked body), then, in a worker
+thread so the event loop keeps answering /healthz: JSON and schema validation (400 / 422), the
+per-field character cap (413, before tokenizing), validation and tokenization of every pair
+(prefsel.formats, prefsel.tokenization; 422 naming the pair index and field) and the token caps.
+Only good requests are queued: `@serve.batch` merges concurrent requests into one
+`PairScorer.logprobs` call (token-budget batches inside); a pair's log-probs do not depend on its
+batch-mates, so merging is exact. Each request's columns are then built with its own beta by
+`prefsel.scoring.score_columns`, the function the batch pipeline uses.
 
 Run it:  serve run serve.app:build_app policy=PATH reference=PATH
 or       serve run serve/config.yaml          or  python -m serve.run --policy P --reference R
+The arguments are `serve.run.ServeArgs` (one pydantic model: types, bounds, defaults).
 """
-
-
+# No `from __future__ import annotations`: Ray Serve reads build_app's annotation as a class.
 
 import asyncio
+import hmac
 import math
 import os
+import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 
-DEFAULT_MAX_PAIRS = 256
-DEFAULT_MAX_TOKENS = 262_144
-PAIR_FORMATS = ("pairs", "conversation", "hh")
-RESULT_KEYS = (
-    "gap",
-    "chosen_reward",
-    "rejected_reward",
-    "chosen_logp",
-    "rejected_logp",
-    "chosen_ref_logp",
-    "rejected_ref_logp",
-    "chosen_tokens",
-    "rejected_tokens",
-    "prompt_tokens",
-)
+from serve.run import MAX_BETA, ScorerArgs, ServeArgs, validate_args
+
+__all__ = ["GapRequest", "GapResponse", "ErrorResponse", "GapScorer", "ServeArgs", "build_app", "deployment_options"]
 
 
 class GapRequest(BaseModel):
-    """Body of POST /v1/gap."""
+    """Body of POST /v1/gap. Strict types: `"beta": true` or `"beta": "0.5"` is a 422 (an integer
+    beta is a number and is taken)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     pairs: list[dict[str, Any]] = Field(
         ..., description="preference pairs in any pair format (pairs, conversation, hh)"
     )
-    beta: float | None = Field(None, gt=0, allow_inf_nan=False, description="DPO beta; server default if absent")
+    beta: float | None = Field(
+        None, gt=0, le=MAX_BETA, allow_inf_nan=False,
+        description=f"DPO beta, 0 < beta <= {MAX_BETA:g}; the server's default if absent",
+    )
     format: Literal["pairs", "conversation", "hh"] | None = Field(
         None, description="force the data format; detected from the pairs when absent"
     )
@@ -76,9 +74,36 @@ class GapResponse(BaseModel):
     model: dict[str, Any]
 
 
+class ErrorResponse(BaseModel):
+    """Every error of this API: one message naming the field (and pair index) at fault."""
+
+    detail: str = Field(..., description="e.g. \"pairs[2]: field 'chosen': empty response\"")
+
+
+_FLOAT_RESULTS = tuple(k for k, f in PairResult.model_fields.items() if f.annotation is float)
+_UNAUTHORIZED = {401: {"model": ErrorResponse, "description": "missing or wrong bearer token (when the server has one)"}}
+_GAP_ERRORS = {
+    400: {"model": ErrorResponse, "description": "malformed JSON or Content-Length"},
+    **_UNAUTHORIZED,
+    413: {"model": ErrorResponse, "description": "body over max_body_bytes, a text field over max_chars_per_field, "
+          "or more pairs or tokens than max_pairs_per_request / max_tokens_per_request"},
+    422: {"model": ErrorResponse, "description": "a field missing, of the wrong type or out of range, named with "
+          "its pair index (pairs[2]: ...); or a pair whose scores are not finite"},
+}
+# The route reads its body itself (size caps and auth come first), so its schema is given here.
+_GAP_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": GapRequest.model_json_schema()}}}}
+
 app = FastAPI(
     title="prefsel gap scoring",
-    description="DPO implicit-reward gaps of preference pairs (Qi, Xu, Jin 2025), on demand.",
+    description=(
+        "DPO implicit-reward gaps of preference pairs (Qi, Xu, Jin 2025), on demand.\n\n"
+        "The body of POST /v1/gap is read as JSON whatever its Content-Type (so `curl -d` works). "
+        "Every error answers `{\"detail\": \"...\"}` (ErrorResponse): 400 malformed JSON, 401 bad or "
+        "missing bearer token (checked before the body is read), 413 over a size cap (body bytes, "
+        "characters per text field, pairs or tokens per request), 422 a field missing, of the wrong "
+        f"type or out of range (strict types: beta is a number, 0 < beta <= {MAX_BETA:g}, not a bool "
+        "or a string)."
+    ),
     docs_url=None,  # served below, behind the same bearer token as the API
     openapi_url=None,
     redoc_url=None,
@@ -97,9 +122,8 @@ def _loc_to_field(loc: tuple) -> str:
     return out or "body"
 
 
-@app.exception_handler(RequestValidationError)
-async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    errors = exc.errors()
+def _validation_detail(errors: list[dict]) -> tuple[int, str]:
+    """(status, one-line message) of pydantic errors: 400 for malformed JSON, 422 otherwise."""
     msgs = []
     status = 422
     for e in errors[:5]:
@@ -113,26 +137,47 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
             msgs.append(f"{field}: field '{field.split('.')[-1]}' missing")
         else:
             msgs.append(f"{field}: {e.get('msg')}")
-    return JSONResponse(status_code=status, content={"detail": "; ".join(msgs) or "invalid request"})
+    return status, "; ".join(msgs) or "invalid request"
 
 
-@app.middleware("http")
-async def _json_bodies(request: Request, call_next):
-    # `curl -d '{...}'` labels its body application/x-www-form-urlencoded; the API speaks only
-    # JSON, so every POST body is read as JSON whatever its label.
-    if request.method == "POST":
-        headers = [(k, v) for k, v in request.scope["headers"] if k != b"content-type"]
-        request.scope["headers"] = [*headers, (b"content-type", b"application/json")]
-    return await call_next(request)
+@app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    status, detail = _validation_detail(exc.errors())
+    return JSONResponse(status_code=status, content={"detail": detail})
 
 
 @app.exception_handler(HTTPException)
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
-    return JSONResponse(status_code=exc.status_code, content={"detail": exc.detail}, headers=exc.headers)
+    return JSONResponse(status_code=exc.status_code, content={"detail": str(exc.detail)}, headers=exc.headers)
+
+
+def _text_chars(value: Any) -> int:
+    """Characters of the strings in a field's value (a string, or chat messages)."""
+    total, stack = 0, [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            total += len(v)
+        elif isinstance(v, dict):
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return total
+
+
+def _memory() -> dict:
+    """This process's resident set size now and at its peak, in bytes."""
+    import resource
+
+    import psutil
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"rss_bytes": psutil.Process().memory_info().rss,
+            "peak_rss_bytes": peak if sys.platform == "darwin" else peak * 1024}
 
 
 class _Stats:
-    """Batch-size counters of this replica (requests and pairs per scorer call)."""
+    """Batch-size counters of this replica (requests and pairs per scorer call) and its memory."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -167,7 +212,27 @@ class _Stats:
                 "batch_requests_hist": {str(k): v for k, v in sorted(self.batch_requests_hist.items())},
                 "rejected_requests": self.rejected_requests,
                 "score_seconds": round(self.score_seconds, 4),
+                **_memory(),
             }
+
+
+def load_scorer(args: ScorerArgs):
+    """(pair tokenizer, PairScorer, max_length) of a replica. With no max_length, the models'
+    context is the limit: too long for them is a 4xx, not a silent score."""
+    from prefsel.models import check_same_vocab, load_causal_lm, load_tokenizer, model_context_length, resolve_device
+    from prefsel.scoring import PairScorer, ScoreConfig
+    from prefsel.tokenization import PairTokenizer
+
+    dev = resolve_device(args.device)
+    kw = dict(dtype=args.dtype, device=str(dev), trust_remote_code=args.trust_remote_code)
+    pol = load_causal_lm(args.policy, **kw)
+    ref = load_causal_lm(args.reference, **kw)
+    tok = load_tokenizer(args.tokenizer or args.policy, trust_remote_code=args.trust_remote_code)
+    check_same_vocab(tok, pol, ref)
+    max_length = args.max_length if args.max_length is not None else model_context_length(tok, [pol, ref])
+    pair_tokenizer = PairTokenizer(tok, args.chat_template, max_length, args.truncation)
+    config = ScoreConfig(beta=args.beta, max_tokens_per_batch=args.max_tokens_per_batch)
+    return pair_tokenizer, PairScorer(pol, ref, tok.pad_token_id, config, dev), max_length
 
 
 @serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})
@@ -175,72 +240,50 @@ class _Stats:
 class GapScorer:
     """Holds a policy and a reference model; scores pairs posted to /v1/gap."""
 
-    def __init__(
-        self,
-        policy: str,
-        reference: str,
-        tokenizer: str | None = None,
-        dtype: str = "auto",
-        chat_template: str = "auto",
-        max_length: int | None = None,
-        truncation: str = "reject",
-        beta: float = 0.1,
-        max_pairs_per_request: int = DEFAULT_MAX_PAIRS,
-        max_tokens_per_request: int = DEFAULT_MAX_TOKENS,
-        auth_token: str | None = None,
-        max_batch_size: int = 16,
-        batch_wait_timeout_s: float = 0.01,
-        max_tokens_per_batch: int = 16384,
-        trust_remote_code: bool = False,
-        device: str | None = None,
-    ) -> None:
-        from prefsel.models import check_same_vocab, load_causal_lm, load_tokenizer, resolve_device
-        from prefsel.scoring import PairScorer, ScoreConfig
-        from prefsel.tokenization import PairTokenizer
-
-        if not (beta > 0 and math.isfinite(beta)):
-            raise ValueError(f"beta must be a positive number, got {beta}")
-        if max_pairs_per_request < 1 or max_tokens_per_request < 1 or max_batch_size < 1:
-            raise ValueError("max_pairs_per_request, max_tokens_per_request and max_batch_size must be positive")
-        self.dev = resolve_device(device)
-        kw = dict(dtype=dtype, device=str(self.dev), trust_remote_code=trust_remote_code)
-        pol = load_causal_lm(policy, **kw)
-        ref = load_causal_lm(reference, **kw)
-        tok = load_tokenizer(tokenizer or policy, trust_remote_code=trust_remote_code)
-        check_same_vocab(tok, pol, ref)
-        self.pair_tokenizer = PairTokenizer(tok, chat_template, max_length, truncation)
-        self.scorer = PairScorer(pol, ref, tok.pad_token_id, ScoreConfig(beta=beta, max_tokens_per_batch=max_tokens_per_batch), self.dev)
+    def __init__(self, args: ScorerArgs) -> None:
+        self.pair_tokenizer, self.scorer, max_length = load_scorer(args)
+        self.dev = self.scorer.device
+        pol = self.scorer.policy
         self.info = {
-            "policy": policy,
-            "reference": reference,
-            "tokenizer": tokenizer or policy,
+            "policy": args.policy,
+            "reference": args.reference,
+            "tokenizer": args.tokenizer or args.policy,
             "dtype": str(next(pol.parameters()).dtype).replace("torch.", ""),
             "device": str(self.dev),
-            "beta": beta,
+            "beta": args.beta,
+            "max_beta": MAX_BETA,
             "max_length": max_length,
-            "truncation": truncation,
-            "chat_template": chat_template,
-            "max_pairs_per_request": max_pairs_per_request,
-            "max_tokens_per_request": max_tokens_per_request,
-            "max_batch_size": max_batch_size,
-            "batch_wait_timeout_s": batch_wait_timeout_s,
+            "truncation": args.truncation,
+            "chat_template": args.chat_template,
+            "max_pairs_per_request": args.max_pairs_per_request,
+            "max_tokens_per_request": args.max_tokens_per_request,
+            "max_body_bytes": args.max_body_bytes,
+            "max_chars_per_field": args.max_chars_per_field,
+            "max_batch_size": args.max_batch_size,
+            "batch_wait_timeout_s": args.batch_wait_timeout_s,
         }
-        self.beta = beta
-        self.max_pairs = max_pairs_per_request
-        self.max_tokens = max_tokens_per_request
-        self.auth_token = auth_token or os.environ.get("PREFSEL_AUTH_TOKEN") or None
+        self.beta = args.beta
+        self.max_pairs = args.max_pairs_per_request
+        self.max_tokens = args.max_tokens_per_request
+        self.max_body = args.max_body_bytes
+        self.max_chars = args.max_chars_per_field
+        self.auth_token = args.auth_token or os.environ.get("PREFSEL_AUTH_TOKEN") or None
         self.stats = _Stats()
-        self._score_batch.set_max_batch_size(max_batch_size)
-        self._score_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        # Parsing, validation and tokenization run here, off the event loop (which keeps answering
+        # /healthz and reading other bodies); one thread, as a fast tokenizer is not safe to call
+        # from several threads at once.
+        self._prepare_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefsel-prepare")
+        self._score_batch.set_max_batch_size(args.max_batch_size)
+        self._score_batch.set_batch_wait_timeout_s(args.batch_wait_timeout_s)
 
     # ---- helpers ------------------------------------------------------------------------------
 
     def _auth(self, request: Request) -> None:
         if self.auth_token is None:
             return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token or token.strip() != self.auth_token:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        # compare_digest: the time taken does not tell how much of the token matched
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.auth_token.encode()):
             raise HTTPException(
                 status_code=401,
                 detail="missing or wrong bearer token (header 'Authorization: Bearer TOKEN')",
@@ -251,6 +294,36 @@ class GapScorer:
         with self.stats.lock:
             self.stats.rejected_requests += 1
         return HTTPException(status_code=status, detail=message)
+
+    async def _read_body(self, request: Request) -> bytes:
+        """The body, refused with 413 once over max_body_bytes: from Content-Length before reading
+        anything, else while counting the chunks of a chunked upload."""
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            try:
+                n = int(declared)
+            except ValueError:
+                raise self._reject(400, f"Content-Length: not a number: {declared[:40]!r}") from None
+            if n > self.max_body:
+                raise self._reject(413, f"body: {n} bytes (Content-Length) exceed max_body_bytes {self.max_body}")
+        chunks, n = [], 0
+        async for chunk in request.stream():
+            n += len(chunk)
+            if n > self.max_body:
+                raise self._reject(413, f"body: over max_body_bytes {self.max_body} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _parse(self, raw: bytes) -> GapRequest:
+        try:
+            return GapRequest.model_validate_json(raw)
+        except ValidationError as e:
+            status, detail = _validation_detail(e.errors(include_url=False))
+            raise self._reject(status, detail) from None
+
+    def _parse_and_prepare(self, raw: bytes) -> tuple[GapRequest, list]:
+        body = self._parse(raw)
+        return body, self._prepare(body)
 
     def _prepare(self, body: GapRequest) -> list:
         """Validate and tokenize every pair; raise a 4xx naming the pair index and the field."""
@@ -263,6 +336,13 @@ class GapScorer:
             raise self._reject(
                 413, f"pairs: {len(pairs)} pairs exceed max_pairs_per_request {self.max_pairs}"
             )
+        for i, row in enumerate(pairs):  # all of them, before tokenizing any
+            for key, value in row.items():
+                n = _text_chars(value)
+                if n > self.max_chars:
+                    raise self._reject(
+                        413, f"pairs[{i}].{key}: {n} characters exceed max_chars_per_field {self.max_chars}"
+                    )
         fmt = body.format
         if fmt is None:
             try:
@@ -298,26 +378,29 @@ class GapScorer:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def _score_batch(self, items: list[tuple[list, float]]) -> list[list[dict]]:
-        """One scorer call for the pairs of all requests in the batch; results split back."""
-        from prefsel.gap import reward_gap
+        """One log-prob computation for the pairs of all requests in the batch; then each request's
+        columns with its own beta (`score_columns`)."""
+        from prefsel.scoring import score_columns
 
         flat = [p for pairs, _ in items for p in pairs]
         t0 = time.perf_counter()
         loop = asyncio.get_running_loop()
         # Off the event loop, so the replica keeps accepting (and validating) requests meanwhile.
-        scores = await loop.run_in_executor(None, self.scorer.score, flat)
+        logps = await loop.run_in_executor(None, self.scorer.logprobs, flat)
         self.stats.add(len(items), len(flat), time.perf_counter() - t0)
         results, k = [], 0
         for pairs, beta in items:
-            part = []
-            for s in scores[k : k + len(pairs)]:
-                cr, rr, gap = reward_gap(
-                    s["chosen_logp"], s["rejected_logp"], s["chosen_ref_logp"], s["rejected_ref_logp"], beta
-                )
-                part.append({**s, "chosen_reward": cr, "rejected_reward": rr, "gap": gap})
+            results.append([score_columns(p, lp, beta) for p, lp in zip(pairs, logps[k : k + len(pairs)])])
             k += len(pairs)
-            results.append(part)
         return results
+
+    def _check_finite(self, scores: list[dict]) -> None:
+        for i, s in enumerate(scores):
+            for k in _FLOAT_RESULTS:
+                if not math.isfinite(s[k]):
+                    raise self._reject(
+                        422, f"pairs[{i}]: {k} is {s[k]}: the models give this pair no finite score"
+                    )
 
     # ---- routes -------------------------------------------------------------------------------
 
@@ -325,24 +408,29 @@ class GapScorer:
     async def healthz(self) -> dict:
         return {"status": "ok"}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=_UNAUTHORIZED)
     async def models(self, request: Request) -> dict:
         self._auth(request)
         return {**self.info, "stats": self.stats.as_dict()}
 
-    @app.get("/v1/stats")
+    @app.get("/v1/stats", responses=_UNAUTHORIZED)
     async def stats_route(self, request: Request) -> dict:
+        """Batching counters and the memory (rss_bytes, peak_rss_bytes) of the replica that answers."""
         self._auth(request)
         return self.stats.as_dict()
 
-    @app.post("/v1/gap", response_model=GapResponse)
-    async def gap(self, body: GapRequest, request: Request) -> dict:
-        self._auth(request)
-        pairs = self._prepare(body)
+    @app.post("/v1/gap", response_model=GapResponse, responses=_GAP_ERRORS, openapi_extra=_GAP_BODY)
+    async def gap(self, request: Request) -> dict:
+        self._auth(request)  # before the body is read: a bad token is 401 whatever the body
+        raw = await self._read_body(request)
+        loop = asyncio.get_running_loop()
+        body, pairs = await loop.run_in_executor(self._prepare_pool, self._parse_and_prepare, raw)
+        del raw
         beta = self.beta if body.beta is None else float(body.beta)
         scores = await self._score_batch((pairs, beta))
+        self._check_finite(scores)
         return {
-            "results": [{k: s[k] for k in RESULT_KEYS} for s in scores],
+            "results": [{k: s[k] for k in PairResult.model_fields} for s in scores],
             "model": {"policy": self.info["policy"], "reference": self.info["reference"], "beta": beta,
                       "dtype": self.info["dtype"]},
         }
@@ -359,68 +447,36 @@ class GapScorer:
         return get_swagger_ui_html(openapi_url=f"{root}/openapi.json", title="prefsel gap scoring")
 
 
-# Arguments of GapScorer's constructor; everything else in `args` shapes the deployment.
-_CTOR_ARGS = (
-    "policy", "reference", "tokenizer", "dtype", "chat_template", "max_length", "truncation", "beta",
-    "max_pairs_per_request", "max_tokens_per_request", "auth_token", "max_batch_size",
-    "batch_wait_timeout_s", "max_tokens_per_batch", "trust_remote_code", "device",
-)
-_INT_ARGS = ("max_length", "max_pairs_per_request", "max_tokens_per_request", "max_batch_size", "max_tokens_per_batch")
-_FLOAT_ARGS = ("beta", "batch_wait_timeout_s")
-
-
-def deployment_options(args: dict) -> dict:
-    """Deployment options from flat args: num_replicas, min/max_replicas, num_cpus, num_gpus, ..."""
+def deployment_options(args: ServeArgs) -> dict:
+    """Deployment options from the shape fields: num_replicas, min/max_replicas, num_cpus, num_gpus, ...
+    (fields left None keep the GapScorer deployment's own settings)."""
     opts: dict = {}
-    actor: dict = {}
-    if args.get("num_cpus") is not None:
-        actor["num_cpus"] = float(args["num_cpus"])
-    if args.get("num_gpus") is not None:
-        actor["num_gpus"] = float(args["num_gpus"])
+    actor = {k: float(getattr(args, k)) for k in ("num_cpus", "num_gpus") if getattr(args, k) is not None}
     if actor:
         opts["ray_actor_options"] = actor
-    if args.get("max_ongoing_requests") is not None:
-        opts["max_ongoing_requests"] = int(args["max_ongoing_requests"])
-    lo, hi = args.get("min_replicas"), args.get("max_replicas")
-    if lo is not None or hi is not None:
-        lo = int(lo if lo is not None else 1)
-        hi = int(hi if hi is not None else max(lo, 1))
-        if hi < lo:
-            raise ValueError(f"max_replicas {hi} < min_replicas {lo}")
+    if args.max_ongoing_requests is not None:
+        opts["max_ongoing_requests"] = args.max_ongoing_requests
+    if args.min_replicas is not None or args.max_replicas is not None:
+        lo = args.min_replicas if args.min_replicas is not None else 1
+        hi = args.max_replicas if args.max_replicas is not None else max(lo, 1)
         opts["autoscaling_config"] = {
             "min_replicas": lo,
             "max_replicas": hi,
-            "target_ongoing_requests": float(args.get("target_ongoing_requests") or 8),
+            "target_ongoing_requests": float(args.target_ongoing_requests),
         }
-    elif args.get("num_replicas") is not None:
-        opts["num_replicas"] = int(args["num_replicas"])
+    elif args.num_replicas is not None:
+        opts["num_replicas"] = args.num_replicas
     return opts
 
 
-def build_app(args: dict):
+def build_app(args: ServeArgs):
     """Application builder for `serve run serve.app:build_app policy=... reference=...` and config files.
 
-    Constructor args (see GapScorer) plus optional deployment shape: num_replicas, min_replicas,
-    max_replicas, target_ongoing_requests, max_ongoing_requests, num_cpus, num_gpus. In a config
-    file, a `deployments:` entry for GapScorer overrides the shape.
+    Ray Serve validates the `args` into ServeArgs (serve/run.py: the replica's arguments plus the
+    deployment's shape: num_replicas, min_replicas, max_replicas, target_ongoing_requests,
+    max_ongoing_requests, num_cpus, num_gpus); a dict is validated here. In a config file, a
+    `deployments:` entry for GapScorer overrides the shape.
     """
-    args = dict(args or {})
-    for name in ("policy", "reference"):
-        if not args.get(name):
-            raise ValueError(f"build_app: argument '{name}' is required (a local folder or a hub name)")
-    unknown = set(args) - set(_CTOR_ARGS) - {
-        "num_replicas", "min_replicas", "max_replicas", "target_ongoing_requests", "max_ongoing_requests",
-        "num_cpus", "num_gpus",
-    }
-    if unknown:
-        raise ValueError(f"build_app: unknown arguments {sorted(unknown)}")
-    kwargs = {k: args[k] for k in _CTOR_ARGS if args.get(k) is not None}
-    for k in _INT_ARGS:
-        if k in kwargs:
-            kwargs[k] = int(kwargs[k])
-    for k in _FLOAT_ARGS:
-        if k in kwargs:
-            kwargs[k] = float(kwargs[k])
-    if "trust_remote_code" in kwargs and isinstance(kwargs["trust_remote_code"], str):
-        kwargs["trust_remote_code"] = kwargs["trust_remote_code"].lower() in ("1", "true", "yes")
-    return GapScorer.options(**deployment_options(args)).bind(**kwargs)
+    args = validate_args(args)
+    scorer_args = ScorerArgs.model_validate(args.model_dump(include=set(ScorerArgs.model_fields)))
+    return GapScorer.options(**deployment_options(args)).bind(scorer_args)

@@ -1,5 +1,11 @@
 """Start the gap-scoring endpoint: `python -m serve.run --policy P --reference R` (or --config).
 
+`ServeArgs` is the one definition of the application's arguments, their types, bounds and
+defaults: `serve.app:build_app` takes it (Ray Serve validates a config file's `args` or
+`serve run ... key=value` into it), and the `prefsel serve` flags are derived from its fields
+(`max_length` -> `--max-length`). It lives here rather than in serve/app.py so that building the
+`prefsel` command line does not import Ray Serve and FastAPI.
+
 `serve_main(argv)` is what `prefsel serve` calls. Settings come from --config (a Ray Serve
 config file such as serve/config.yaml: its first application's args, its GapScorer deployment
 entry and its http_options), then flags given on the command line override them.
@@ -11,15 +17,104 @@ import argparse
 import json
 import os
 import sys
+import types
+from typing import Literal, Union, get_args, get_origin
 
-# flag dest -> build_app argument
-_APP_FLAGS = (
-    "policy", "reference", "tokenizer", "dtype", "chat_template", "max_length", "truncation", "beta",
-    "max_pairs_per_request", "max_tokens_per_request", "auth_token", "max_batch_size",
-    "batch_wait_timeout_s", "max_tokens_per_batch",
-)
-_SHAPE_FLAGS = ("num_replicas", "min_replicas", "max_replicas", "target_ongoing_requests",
-                "max_ongoing_requests", "num_cpus", "num_gpus")
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from prefsel.gap import DEFAULT_BETA
+from prefsel.models import DTYPES
+from prefsel.scoring import ScoreConfig
+from prefsel.tokenization import TRUNCATION_MODES
+
+# Largest beta the endpoint accepts (server default or per request). DPO uses 0.01 to a few
+# units; the bound keeps beta * (summed log-prob differences) finite in float64.
+MAX_BETA = 1000.0
+
+
+class ScorerArgs(BaseModel):
+    """Arguments of the GapScorer replica: models, tokenization, scoring and request limits."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    policy: str = Field(description="policy model: local folder or hub name")
+    reference: str = Field(description="reference model: local folder or hub name")
+    tokenizer: str | None = Field(None, description="tokenizer (default: the policy's)")
+    dtype: Literal[tuple(DTYPES)] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
+    chat_template: str = Field("auto", description="auto, none or a template file")
+    max_length: int | None = Field(None, ge=2, description="longest prompt+response in tokens (default: none)")
+    truncation: Literal[TRUNCATION_MODES] = Field("reject", description="a pair over max_length: 422 or cut the prompt's left")
+    beta: float = Field(DEFAULT_BETA, gt=0, le=MAX_BETA, allow_inf_nan=False,
+                        description="default DPO beta (a request may send its own)")
+    max_pairs_per_request: int = Field(256, ge=1, description="413 above this many pairs")
+    max_tokens_per_request: int = Field(262_144, ge=1, description="413 above this many tokens, summed over a request's pairs")
+    max_body_bytes: int = Field(8 * 2**20, ge=1, description="413 for a body over this many bytes, before it is read")
+    max_chars_per_field: int = Field(200_000, ge=1, description="413 for a text field (prompt, chosen, rejected) "
+                                     "over this many characters, before tokenizing")
+    auth_token: str | None = Field(None, description="require 'Authorization: Bearer TOKEN'; prefer the "
+                                   "environment variable PREFSEL_AUTH_TOKEN (a flag shows in ps)")
+    max_batch_size: int = Field(16, ge=1, description="requests merged into one scorer call")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, description="how long a batch waits to fill")
+    max_tokens_per_batch: int = Field(ScoreConfig.max_tokens_per_batch, ge=1, description="token budget of one forward")
+    trust_remote_code: bool = Field(False, description="let transformers run the model repository's code")
+    device: str | None = Field(None, description="torch device (default: the visible GPU, else cpu)")
+
+
+class ServeArgs(ScorerArgs):
+    """`build_app` arguments: ScorerArgs plus the deployment's shape (None: the deployment's own
+    setting, or a config file's `deployments:` entry, which wins over these)."""
+
+    num_replicas: int | None = Field(None, ge=1, description="fixed replica count")
+    min_replicas: int | None = Field(None, ge=0, description="autoscaling lower bound (1 when only max is set)")
+    max_replicas: int | None = Field(None, ge=1, description="autoscaling upper bound")
+    target_ongoing_requests: float = Field(8.0, gt=0, description="autoscaling target per replica")
+    max_ongoing_requests: int | None = Field(None, ge=1, description="requests a replica takes at once")
+    num_cpus: float | None = Field(None, ge=0, description="CPUs per replica")
+    num_gpus: float | None = Field(None, ge=0, description="GPUs per replica (fractional allowed)")
+
+    @model_validator(mode="after")
+    def _replica_bounds(self) -> ServeArgs:
+        lo = self.min_replicas if self.min_replicas is not None else 1
+        if self.max_replicas is not None and self.max_replicas < lo:
+            raise ValueError(f"max_replicas {self.max_replicas} < min_replicas {lo}")
+        return self
+
+
+def validate_args(args: ServeArgs | dict | None) -> ServeArgs:
+    """ServeArgs from a dict (or a ServeArgs); ValueError naming each bad field otherwise."""
+    if isinstance(args, ServeArgs):
+        return args
+    try:
+        return ServeArgs.model_validate(dict(args or {}))
+    except ValidationError as e:
+        msgs = []
+        for err in e.errors(include_url=False):
+            field = ".".join(str(p) for p in err.get("loc", ())) or "args"
+            msgs.append(f"{field}: {'required (a local folder or a hub name)' if err['type'] == 'missing' else err['msg']}")
+        raise ValueError(f"invalid serve arguments: {'; '.join(msgs)}") from None
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _add_field_flag(group, name: str, info) -> None:
+    """One flag for one ServeArgs field: its type (or choices, or --x/--no-x for bools) and help
+    from the field. Flags default to None: "not given", so --config's value or the model's stays."""
+    ann = info.annotation
+    if get_origin(ann) in (Union, types.UnionType):  # `X | None`
+        ann = next(a for a in get_args(ann) if a is not type(None))
+    kw: dict = {"dest": name, "default": None}
+    if ann is bool:
+        kw["action"] = argparse.BooleanOptionalAction
+    elif get_origin(ann) is Literal:
+        kw["choices"] = get_args(ann)
+    else:
+        kw["type"] = ann
+    help_ = info.description or ""
+    if info.default is not None and not info.is_required() and name != "auth_token":
+        help_ += f" (default {info.default})"
+    group.add_argument(_flag(name), help=help_, **kw)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,34 +124,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The `prefsel serve` flags (the CLI plugin protocol of prefsel.cli)."""
+    """The `prefsel serve` flags (the CLI plugin protocol of prefsel.cli): one per ServeArgs field,
+    plus where to serve (--config, --host, --port, --route-prefix, --name, --print-config)."""
     p.add_argument("--config", help="Ray Serve config file (e.g. serve/config.yaml) to read settings from")
-    p.add_argument("--policy", help="policy model: local folder or hub name")
-    p.add_argument("--reference", help="reference model: local folder or hub name")
-    p.add_argument("--tokenizer", help="tokenizer (default: the policy's)")
-    p.add_argument("--dtype", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
-    p.add_argument("--chat-template", dest="chat_template", help="auto, none or a template file")
-    p.add_argument("--max-length", dest="max_length", type=int)
-    p.add_argument("--truncation", choices=("reject", "prompt-left"))
-    p.add_argument("--beta", type=float, help="default DPO beta (a request may send its own)")
-    p.add_argument("--max-pairs-per-request", dest="max_pairs_per_request", type=int)
-    p.add_argument("--max-tokens-per-request", dest="max_tokens_per_request", type=int)
-    p.add_argument("--auth-token", dest="auth_token", help="require 'Authorization: Bearer TOKEN' "
-                   "(also env PREFSEL_AUTH_TOKEN)")
-    p.add_argument("--max-batch-size", dest="max_batch_size", type=int, help="requests per scorer call")
-    p.add_argument("--batch-wait-timeout-s", dest="batch_wait_timeout_s", type=float)
-    p.add_argument("--max-tokens-per-batch", dest="max_tokens_per_batch", type=int)
+    scorer = p.add_argument_group("replica (serve.app:build_app args)")
+    shape = p.add_argument_group("deployment shape")
+    for name, info in ServeArgs.model_fields.items():
+        _add_field_flag(scorer if name in ScorerArgs.model_fields else shape, name, info)
     p.add_argument("--host", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default 8000)")
     p.add_argument("--route-prefix", dest="route_prefix", help="default /")
     p.add_argument("--name", help="application name (default prefsel-gap)")
-    p.add_argument("--num-gpus", dest="num_gpus", type=float, help="GPUs per replica (fractional allowed)")
-    p.add_argument("--num-cpus", dest="num_cpus", type=float, help="CPUs per replica")
-    p.add_argument("--num-replicas", dest="num_replicas", type=int)
-    p.add_argument("--min-replicas", dest="min_replicas", type=int, help="autoscaling lower bound")
-    p.add_argument("--max-replicas", dest="max_replicas", type=int, help="autoscaling upper bound")
-    p.add_argument("--target-ongoing-requests", dest="target_ongoing_requests", type=float)
-    p.add_argument("--max-ongoing-requests", dest="max_ongoing_requests", type=int)
     p.add_argument("--print-config", action="store_true", help="print the resolved settings and exit")
     return p
 
@@ -92,7 +170,7 @@ def resolve_settings(ns: argparse.Namespace) -> dict:
                 for k in ("num_cpus", "num_gpus"):
                     if actor.get(k) is not None:
                         app_args[k] = actor[k]
-    for k in (*_APP_FLAGS, *_SHAPE_FLAGS):
+    for k in ServeArgs.model_fields:  # flags given on the command line win
         v = getattr(ns, k, None)
         if v is not None:
             app_args[k] = v
@@ -107,13 +185,19 @@ def resolve_settings(ns: argparse.Namespace) -> dict:
     route_prefix = ns.route_prefix or route_prefix
     for req in ("policy", "reference"):
         if not app_args.get(req):
-            raise SystemExit(f"prefsel serve: --{req} is required (or set it in --config args)")
-    return {"app_args": app_args, "http": http, "name": name, "route_prefix": route_prefix}
+            raise ValueError(f"{_flag(req)} is required (or set it in --config args)")
+    args = validate_args(app_args)  # types, bounds and defaults: before Ray starts
+    return {"app_args": args.model_dump(), "http": http, "name": name, "route_prefix": route_prefix}
 
 
 def serve_main(argv: list[str] | None = None) -> int:
-    """Parse flags, start Ray Serve on host:port and serve until interrupted. Returns an exit code."""
-    return run(build_parser().parse_args(argv))
+    """Parse flags, start Ray Serve on host:port and serve until interrupted. Returns an exit code
+    (2 with a one-line message for bad settings, as `prefsel serve`)."""
+    try:
+        return run(build_parser().parse_args(argv))
+    except ValueError as e:
+        print(f"prefsel serve: error: {e}", file=sys.stderr)
+        return 2
 
 
 def run(ns: argparse.Namespace) -> int:
@@ -121,9 +205,12 @@ def run(ns: argparse.Namespace) -> int:
     settings = resolve_settings(ns)
     if ns.print_config:
         shown = dict(settings)
-        shown["app_args"] = {k: ("***" if k == "auth_token" else v) for k, v in settings["app_args"].items()}
+        shown["app_args"] = {k: ("***" if k == "auth_token" and v else v) for k, v in settings["app_args"].items()}
         print(json.dumps(shown, indent=2, default=str))
         return 0
+    if getattr(ns, "auth_token", None):
+        print("prefsel serve: warning: --auth-token is visible to every user of this machine (ps); "
+              "prefer the environment variable PREFSEL_AUTH_TOKEN", file=sys.stderr)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import ray
     from ray import serve

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -103,6 +105,10 @@ def test_per_request_beta_and_formats(server):
     for a, b in zip(base, b5["results"]):
         assert b["chosen_logp"] == pytest.approx(a["chosen_logp"], abs=1e-6)
         assert b["gap"] == pytest.approx(5 * a["gap"], rel=1e-6, abs=1e-6)
+    b1 = _post(server, {"pairs": PAIRS[:3], "beta": 1})  # an integer beta is a number
+    assert b1.status_code == 200 and b1.json()["model"]["beta"] == 1
+    for a, b in zip(base, b1.json()["results"]):
+        assert b["gap"] == pytest.approx(10 * a["gap"], rel=1e-6, abs=1e-6)
     p = PAIRS[0]
     conv = {"chosen": [{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": p["chosen"]}],
             "rejected": [{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": p["rejected"]}]}
@@ -171,6 +177,11 @@ BAD_CASES = [
     ("multi rows", {"pairs": [{"prompt": "Q", "responses": ["a", "b"]}]}, 422, ["format"]),
     ("negative beta", {"pairs": [GOOD], "beta": -1}, 422, ["beta"]),
     ("beta wrong type", {"pairs": [GOOD], "beta": "high"}, 422, ["beta"]),
+    # strict types and bounds: a bool is not a number, nor a numeric string; beta stays finite
+    ("beta bool", {"pairs": [GOOD], "beta": True}, 422, ["beta"]),
+    ("beta numeric string", {"pairs": [GOOD], "beta": "0.5"}, 422, ["beta"]),
+    ("beta huge", {"pairs": [GOOD], "beta": 1e308}, 422, ["beta", "1000"]),
+    ("format wrong type", {"pairs": [GOOD], "format": 1}, 422, ["format"]),
     ("unknown format", {"pairs": [GOOD], "format": "csv"}, 422, ["format"]),
     ("unknown field", {"pairs": [GOOD], "betta": 1}, 422, ["betta"]),
     ("empty pairs", {"pairs": []}, 422, ["pairs", "empty"]),
@@ -220,6 +231,261 @@ def test_auth(server):
     assert server.get("/v1/models").status_code == 200
 
 
+# ---- limits: one request cannot exhaust the replica --------------------------------------------
+
+MiB = 2**20
+
+
+def _raw_post(port: int, path: str, headers: dict, body_parts: list[bytes], timeout: float = 10.0):
+    """POST over a raw socket, the body sent from a thread while the response is read, so that a
+    server answering before it has the whole body is seen doing so.
+    Returns (status, JSON body, seconds from the first byte sent to the whole response)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n").encode()
+
+    def send():
+        try:
+            sock.sendall(head)
+            for part in body_parts:
+                sock.sendall(part)
+        except OSError:
+            pass  # the server answered and closed: the rest is not wanted
+
+    sender = threading.Thread(target=send, daemon=True)
+    t0 = time.perf_counter()
+    sender.start()
+    try:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            assert chunk, f"connection closed before a response: {data!r}"
+            data += chunk
+        head_raw, _, rest = data.partition(b"\r\n\r\n")
+        lines = head_raw.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        fields = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        n = int(fields["content-length"])
+        while len(rest) < n:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            rest += chunk
+        elapsed = time.perf_counter() - t0
+    finally:
+        sock.close()
+    sender.join(timeout)
+    return status, json.loads(rest[:n]), elapsed
+
+
+def _chunked(parts: list[bytes]) -> list[bytes]:
+    return [b"%x\r\n%s\r\n" % (len(p), p) for p in parts] + [b"0\r\n\r\n"]
+
+
+class _HealthProbe:
+    """Polls /healthz from a thread; records (status or exception name, seconds) per probe."""
+
+    def __init__(self, base_url, timeout: float = 2.0):
+        self.base_url, self.timeout = base_url, timeout
+        self.seen: list[tuple] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        with httpx.Client(base_url=self.base_url, timeout=self.timeout) as c:
+            while not self._stop.is_set():
+                t = time.perf_counter()
+                try:
+                    outcome = c.get("/healthz").status_code
+                except httpx.HTTPError as e:
+                    outcome = type(e).__name__
+                self.seen.append((outcome, time.perf_counter() - t))
+                time.sleep(0.05)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def test_body_over_the_cap_is_413_before_it_is_read(server):
+    """A body over max_body_bytes (8 MiB by default) is refused at once: from Content-Length
+    before any of it is read, or while counting a chunked upload; /healthz answers throughout."""
+    port = server.base_url.port
+    info = server.get("/v1/models").json()
+    assert info["max_body_bytes"] == 8 * MiB and info["max_chars_per_field"] == 200_000
+    prefix = b'{"pairs": [{"prompt": "Q?", "rejected": "no", "chosen": "' + b"x" * 65536
+    with _HealthProbe(server.base_url) as probe:
+        # Content-Length announces 50 MB, and only 64 KiB are sent: the answer cannot wait for the rest
+        status, body, dt = _raw_post(port, "/v1/gap", {"Content-Type": "application/json",
+                                                       "Content-Length": str(50 * MiB)}, [prefix])
+        assert status == 413 and "max_body_bytes 8388608" in body["detail"], body
+        assert dt < 1.0, dt
+        # chunked (no Content-Length): 10 MiB offered, refused once the count passes 8 MiB
+        status, body, dt_chunked = _raw_post(port, "/v1/gap", {"Content-Type": "application/json",
+                                                               "Transfer-Encoding": "chunked"},
+                                             _chunked([prefix] + [b"x" * (256 * 1024)] * 40))
+        assert status == 413 and "max_body_bytes" in body["detail"], body
+        assert dt_chunked < 1.0, dt_chunked
+        time.sleep(0.2)
+    assert probe.seen and all(s == 200 and t < 1.0 for s, t in probe.seen), probe.seen
+    print(f"\n413 latency: Content-Length {dt * 1000:.0f} ms, chunked 10 MiB {dt_chunked * 1000:.0f} ms")
+    assert _post(server, {"pairs": PAIRS[:1]}).status_code == 200
+
+
+def test_field_over_the_cap_is_413_before_tokenizing_and_memory_stays_bounded(server):
+    """A 6 MB `chosen` (under the body cap, over max_chars_per_field) is a 413 naming the field
+    within a second, without tokenizing it: the replica's RSS barely moves and /healthz answers.
+    (Before: such a request tokenized for minutes on the event loop and took gigabytes.)"""
+    before = server.get("/v1/stats").json()
+    huge = {"pairs": [PAIRS[0], PAIRS[1], {"prompt": "Q?", "chosen": "x " * 3_000_000, "rejected": "no"}]}
+    msgs = {"chosen": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "y" * 300_000}],
+            "rejected": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "n"}]}
+    latencies = []
+    with _HealthProbe(server.base_url) as probe:
+        for _ in range(3):
+            t = time.perf_counter()
+            r = _post(server, huge)
+            latencies.append(time.perf_counter() - t)
+            assert r.status_code == 413, r.text
+            assert r.json()["detail"].startswith("pairs[2].chosen: 6000000 characters exceed max_chars_per_field 200000")
+        r = _post(server, {"pairs": [msgs]})  # chat messages count their content
+        assert r.status_code == 413 and r.json()["detail"].startswith("pairs[0].chosen: "), r.text
+        time.sleep(0.2)
+    after = server.get("/v1/stats").json()
+    assert max(latencies) < 1.0, latencies
+    assert probe.seen and all(s == 200 and t < 1.0 for s, t in probe.seen), probe.seen
+    growth = after["rss_bytes"] - before["rss_bytes"]
+    peak_growth = after["peak_rss_bytes"] - before["peak_rss_bytes"]
+    print(f"\nfield 413 latency max {max(latencies) * 1000:.0f} ms; replica RSS {before['rss_bytes'] / MiB:.0f} -> "
+          f"{after['rss_bytes'] / MiB:.0f} MiB, peak {before['peak_rss_bytes'] / MiB:.0f} -> "
+          f"{after['peak_rss_bytes'] / MiB:.0f} MiB")
+    assert growth < 300 * MiB and peak_growth < 300 * MiB, (growth, peak_growth)
+    assert after["rejected_requests"] - before["rejected_requests"] == 4
+
+
+# ---- auth before the body, constant-time comparison ---------------------------------------------
+
+
+def test_auth_is_checked_before_the_body(server):
+    """A missing or wrong token is 401 whatever the body: malformed, invalid or oversized."""
+    wrong = {"Authorization": "Bearer wrong", "Content-Type": "application/json"}
+    bodies = (b'{"pairs": [', b"[1, 2]", json.dumps({"pairs": [], "beta": True}).encode())
+    for content in bodies:
+        for headers in (wrong, {"Content-Type": "application/json"}):
+            r = server.post("/auth/v1/gap", content=content, headers=headers)
+            assert r.status_code == 401 and "bearer" in r.json()["detail"], (content, r.text)
+    status, body, dt = _raw_post(server.base_url.port, "/auth/v1/gap", {**wrong, "Content-Length": str(50 * MiB)}, [b"{"])
+    assert status == 401 and dt < 1.0, (status, body, dt)
+    ok = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+    assert server.post("/auth/v1/gap", content=bodies[0], headers=ok).status_code == 400
+    assert server.post("/auth/v1/gap", content=bodies[2], headers=ok).status_code == 422
+
+
+def test_token_is_compared_in_constant_time(monkeypatch):
+    import hmac
+    from types import SimpleNamespace
+
+    from fastapi import HTTPException
+
+    from serve.app import GapScorer
+
+    calls = []
+    real = hmac.compare_digest
+
+    def spy(a, b):
+        calls.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", spy)
+    scorer = SimpleNamespace(auth_token=TOKEN)
+    auth = GapScorer.func_or_class._auth
+    auth(scorer, SimpleNamespace(headers={"authorization": f"Bearer {TOKEN}"}))
+    assert calls == [(TOKEN.encode(), TOKEN.encode())]
+    with pytest.raises(HTTPException) as e:
+        auth(scorer, SimpleNamespace(headers={"authorization": f"Bearer {TOKEN[:-1]}X"}))
+    assert e.value.status_code == 401 and len(calls) == 2
+
+
+# ---- the contract: documented errors, strict and bounded inputs, finite outputs -----------------
+
+
+def test_non_finite_scores_are_an_error_not_null():
+    """beta is bounded so beta * log-prob differences stay finite; a pair the models give no finite
+    log-prob is a 422 naming it, never a 200 with null gaps."""
+    from types import SimpleNamespace
+
+    from fastapi import HTTPException
+
+    from prefsel.scoring import score_columns
+    from prefsel.tokenization import TokenizedExample
+    from serve.app import GapScorer
+
+    scorer = SimpleNamespace(_reject=lambda status, msg: HTTPException(status_code=status, detail=msg))
+    pair = TokenizedExample(prompt_ids=[1, 2], response_ids=[[3], [4]])
+    check = GapScorer.func_or_class._check_finite
+    check(scorer, [score_columns(pair, (-1.0, -2.0, -1.5, -1.5), 0.1)])
+    with pytest.raises(HTTPException) as e:
+        check(scorer, [score_columns(pair, (-1.0, -2.0, -1.5, -1.5), 0.1),
+                       score_columns(pair, (float("-inf"), -2.0, -1.5, -1.5), 0.1)])
+    assert e.value.status_code == 422 and e.value.detail.startswith("pairs[1]: ")
+
+
+def test_error_responses_are_documented(server):
+    spec = server.get("/openapi.json").json()
+    gap = spec["paths"]["/v1/gap"]["post"]
+    assert spec["components"]["schemas"]["ErrorResponse"]["required"] == ["detail"]
+    for code in ("400", "401", "413", "422"):
+        assert gap["responses"][code]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorResponse"}
+    body = gap["requestBody"]["content"]["application/json"]["schema"]
+    assert body["properties"]["beta"]["anyOf"][0] == {"type": "number", "exclusiveMinimum": 0.0, "maximum": 1000.0}
+    assert "Content-Type" in spec["info"]["description"]
+
+
+def test_openapi_contract_with_generated_requests(server):
+    """schemathesis generates requests from the live OpenAPI schema (valid and invalid ones, a
+    bounded number per operation): no 5xx, every status documented, every body matching its schema."""
+    import schemathesis
+    from hypothesis import HealthCheck, Phase, given, settings
+    from schemathesis.checks import not_a_server_error
+    from schemathesis.specs.openapi.checks import (
+        content_type_conformance,
+        response_schema_conformance,
+        status_code_conformance,
+    )
+
+    spec = server.get("/openapi.json").json()
+    schema = schemathesis.openapi.from_dict(spec)
+    checks = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
+    base = str(server.base_url)
+    deadline = time.monotonic() + 40  # a time bound well under a minute, whatever the machine
+    seen: dict = {}
+    for path, methods in spec["paths"].items():
+        for method in methods:
+            op = schema[path][method.upper()]
+            modes = [schemathesis.GenerationMode.POSITIVE]
+            if "requestBody" in methods[method]:  # negative cases need something to break
+                modes.append(schemathesis.GenerationMode.NEGATIVE)
+            for mode in modes:
+
+                @settings(max_examples=60, deadline=None, database=None, derandomize=True,
+                          phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+                @given(case=op.as_strategy(generation_mode=mode))
+                def run(case):
+                    if time.monotonic() > deadline:
+                        return
+                    response = case.call(base_url=base, timeout=30)
+                    seen[(path, response.status_code)] = seen.get((path, response.status_code), 0) + 1
+                    case.validate_response(response, checks=checks)
+
+                run()
+    print("\nschemathesis (path, status): count", seen)
+    assert seen.get(("/v1/gap", 422), 0) > 10 and all(status < 500 for _, status in seen)
+
+
 def test_run_flags_and_config(capsys):
     from serve.run import serve_main
 
@@ -237,9 +503,10 @@ def test_run_flags_and_config(capsys):
 
 
 def test_build_app_options():
-    from serve.app import build_app, deployment_options
+    from serve.app import ServeArgs, build_app, deployment_options
 
-    assert deployment_options({"min_replicas": 1, "max_replicas": 3, "num_gpus": 0.5}) == {
+    shape = ServeArgs(policy="p", reference="r", min_replicas=1, max_replicas=3, num_gpus=0.5)
+    assert deployment_options(shape) == {
         "ray_actor_options": {"num_gpus": 0.5},
         "autoscaling_config": {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 8.0},
     }
@@ -247,3 +514,11 @@ def test_build_app_options():
         build_app({"policy": "p"})
     with pytest.raises(ValueError, match="bogus"):
         build_app({"policy": "p", "reference": "r", "bogus": 1})
+
+
+def test_max_length_defaults_to_the_models_context(tiny_models):
+    """No max_length given: rows longer than the models' positions are refused, not scored."""
+    from serve.app import ServeArgs, load_scorer
+
+    pair_tokenizer, _, max_length = load_scorer(ServeArgs(policy=tiny_models[0], reference=tiny_models[1]))
+    assert max_length == pair_tokenizer.max_length == 1024  # the tiny models have 1024 positions
