@@ -1,8 +1,10 @@
 """Preference data formats: detection, validation and normalisation to one canonical example.
 
-Formats (DESIGN.md, Data):
+Formats (README.md, "Data"):
   pairs         prompt, chosen, rejected; each a string or a list of chat messages
-  conversation  chosen, rejected message lists sharing all but the last (assistant) message
+  conversation  chosen, rejected with an implicit prompt (TRL's "implicit prompt" layout): message
+                lists sharing all but the last (assistant) message, or plain strings sharing a
+                prefix, split where trl.extract_prompt splits them (see _implicit_text)
   hh            HH-RLHF text: "\\n\\nHuman: ... \\n\\nAssistant: ..." with a shared prefix
   multi         prompt, responses (list of strings), rewards (optional list of floats)
 
@@ -41,6 +43,13 @@ class Example:
     conversational: bool = False
     extras: dict[str, Any] = field(default_factory=dict)
     multi: bool = False  # responses of a multi-response row (named responses[i], not chosen/rejected)
+    # True when the prompt and responses came as chat messages, even if a plain prompt string
+    # was also given (H4 UltraFeedback: `prompt` string + message lists): without a chat
+    # template such a row is rendered from its messages, exactly like the same content given
+    # as message lists only. False for text rows (plain pairs, HH, implicit-prompt strings),
+    # whose prompt_text + response is the row's own text, scored verbatim.
+    from_messages: bool = False
+    prompt_field: str = "prompt"  # the input field holding the prompt (named in reject reasons)
 
     @property
     def response_names(self) -> list[str]:
@@ -68,16 +77,19 @@ def detect_format(rows: list[dict]) -> str:
         if {"prompt", "chosen", "rejected"} <= keys:
             return "pairs"
         if {"chosen", "rejected"} <= keys:
-            c = row["chosen"]
+            c, r = row["chosen"], row["rejected"]
             if isinstance(c, list):
                 return "conversation"
             if isinstance(c, str) and HH_ASSISTANT in c:
                 return "hh"
+            if isinstance(c, str) and isinstance(r, str) and implicit_prompt_split(c, r) > 0:
+                return "conversation"  # TRL implicit prompt: plain strings sharing a prefix
     sample_keys = sorted({k for r in rows if isinstance(r, dict) for k in r})
     raise ValueError(
         "cannot detect the data format from fields "
         f"{sample_keys}: expected prompt/chosen/rejected (pairs), chosen/rejected message lists "
-        "(conversation), HH-RLHF chosen/rejected text (hh) or prompt/responses (multi); "
+        "or strings sharing a prompt prefix (conversation), HH-RLHF chosen/rejected text (hh) "
+        "or prompt/responses (multi); "
         "force one with --format"
     )
 
@@ -149,11 +161,44 @@ def _pairs(row: dict) -> Example:
     conv = conv or c_conv or r_conv
     if conv and prompt_msgs is None:
         prompt_msgs = as_msgs
-    return Example(prompt_msgs, prompt_text, [chosen, rejected], conversational=conv)
+    return Example(prompt_msgs, prompt_text, [chosen, rejected], conversational=conv, from_messages=conv)
+
+
+def implicit_prompt_split(chosen: str, rejected: str) -> int:
+    """Where trl.extract_prompt cuts two strings: the longest common character prefix, moved
+    back by one when the character before the first difference is a space (so " blue." and
+    " green." keep their space). Returns 0 when the strings differ from the first character,
+    -1 when they never differ (equal, or one a prefix of the other: there trl cuts at an
+    arbitrary position, min(len) - 1; we reject such rows instead)."""
+    n = min(len(chosen), len(rejected))
+    for idx in range(n):
+        if chosen[idx] != rejected[idx]:
+            if idx > 0 and chosen[idx - 1] == " ":
+                idx -= 1
+            return idx
+    return -1
+
+
+def _implicit_text(c: str, r: str) -> Example:
+    """TRL's standard implicit-prompt layout: chosen/rejected strings that share the prompt."""
+    cut = implicit_prompt_split(c, r)
+    if cut < 0:
+        raise RowError(
+            "fields 'chosen'/'rejected': "
+            + ("the texts are identical" if c == r else "one text is a prefix of the other")
+            + "; no prompt/response boundary"
+        )
+    if cut == 0:
+        raise RowError("fields 'chosen'/'rejected': the texts share no prompt prefix")
+    chosen = _check_response(c[cut:], "chosen")
+    rejected = _check_response(r[cut:], "rejected")
+    return Example(None, c[:cut], [chosen, rejected], conversational=False, prompt_field="chosen")
 
 
 def _conversation(row: dict) -> Example:
     _require(row, ("chosen", "rejected"))
+    if isinstance(row["chosen"], str) and isinstance(row["rejected"], str):
+        return _implicit_text(row["chosen"], row["rejected"])
     c = _check_messages(row["chosen"], "chosen")
     r = _check_messages(row["rejected"], "rejected")
     for name, msgs in (("chosen", c), ("rejected", r)):
@@ -167,6 +212,8 @@ def _conversation(row: dict) -> Example:
         None,
         [_check_response(c[-1]["content"], "chosen"), _check_response(r[-1]["content"], "rejected")],
         conversational=True,
+        from_messages=True,
+        prompt_field="chosen",
     )
 
 
@@ -212,7 +259,7 @@ def _hh(row: dict) -> Example:
     msgs = msgs[:-1]
     chosen = _check_response(c[cut:], "chosen")
     rejected = _check_response(r[ri + len(HH_ASSISTANT) :], "rejected")
-    return Example(msgs, prompt_text, [chosen, rejected], conversational=True)
+    return Example(msgs, prompt_text, [chosen, rejected], conversational=True, prompt_field="chosen")
 
 
 def _multi(row: dict) -> Example:
@@ -240,7 +287,8 @@ def _multi(row: dict) -> Example:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise RowError(f"field 'rewards[{i}]': expected a finite number, got {v!r}")
         rewards = [float(v) for v in rewards]
-    return Example(prompt_msgs, prompt_text, out, rewards, conversational=prompt_msgs is not None, multi=True)
+    return Example(prompt_msgs, prompt_text, out, rewards, conversational=prompt_msgs is not None, multi=True,
+                   from_messages=prompt_msgs is not None)
 
 
 _PARSERS = {"pairs": _pairs, "conversation": _conversation, "hh": _hh, "multi": _multi}

@@ -72,6 +72,64 @@ def load_causal_lm(
     return model
 
 
+# transformers sets model_max_length to int(1e30) when a tokenizer does not say; anything this
+# large means "unset", never a real context.
+_UNSET_LENGTH = 10**12
+_POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+
+
+def _config_positions(config) -> int | None:
+    """The positions a model config allows (its text part for multimodal configs), or None."""
+    get_text = getattr(config, "get_text_config", None)
+    configs = [config]
+    if callable(get_text):
+        try:
+            text = get_text()
+        except Exception:  # noqa: BLE001 - some configs cannot split off a text part
+            text = None
+        if text is not None and text is not config:
+            configs.insert(0, text)
+    for cfg in configs:
+        for key in _POSITION_KEYS:
+            value = getattr(cfg, key, None)
+            if isinstance(value, int) and not isinstance(value, bool) and 0 < value < _UNSET_LENGTH:
+                return value
+    return None
+
+
+def model_context_length(
+    tokenizer, config_or_path, *, trust_remote_code: bool = False, revision: str | None = None
+) -> int | None:
+    """The longest sequence (prompt + response tokens) the model can take, or None if unknown.
+
+    The smaller of the model config's positions (`max_position_embeddings`, or `n_positions` /
+    `n_ctx` for GPT-2 style configs) and the tokenizer's `model_max_length` (ignored when it is
+    transformers' "unset" sentinel, about 1e30). `config_or_path` is a local folder or a hub
+    name (read with AutoConfig, no weights loaded), a config, a model, or a list / tuple of
+    these (policy and reference: the smallest). `tokenizer` may be None.
+    """
+    from transformers import AutoConfig, PretrainedConfig
+
+    items = list(config_or_path) if isinstance(config_or_path, (list, tuple)) else [config_or_path]
+    lengths = []
+    for item in items:
+        if item is None:
+            continue
+        if isinstance(item, PretrainedConfig):
+            config = item
+        elif hasattr(item, "config") and isinstance(item.config, PretrainedConfig):
+            config = item.config  # a loaded model
+        else:
+            config = AutoConfig.from_pretrained(str(item), trust_remote_code=trust_remote_code, revision=revision)
+        n = _config_positions(config)
+        if n is not None:
+            lengths.append(n)
+    tok_max = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tok_max, int) and not isinstance(tok_max, bool) and 0 < tok_max < _UNSET_LENGTH:
+        lengths.append(tok_max)
+    return min(lengths) if lengths else None
+
+
 def check_same_vocab(tokenizer, *models) -> None:
     """Policy and reference must share the tokenizer's vocabulary, or their log-probs disagree."""
     n = len(tokenizer)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+import re
 from collections import Counter
 
 import pyarrow.compute as pc
@@ -11,15 +12,35 @@ import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
 
+_NUMBER = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?:e[-+]?\d+)?")
+_VALUE = re.compile(r"\b(unknown role|got roles|got) ('[^']*'|\"[^\"]*\"|\[[^\]]*\]|-?inf|nan|None|True|False)")
+
+
 def _reason_kind(reason: str) -> str:
-    """Group reasons by their field and cause, without the row-specific detail."""
-    head, _, rest = reason.partition(": ")
-    cause = rest.split(":")[0].split(" (")[0]
-    if cause.startswith(("too long", "response alone too long")):
-        cause = cause.split(":")[0]
-    if cause.startswith("invalid JSON"):
-        cause = "invalid JSON"
-    return f"{head}: {cause}"[:120]
+    """Group reasons by their field and whole cause, without the row-specific detail: numbers
+    (token counts, positions, indices) become N and quoted values after "got" / "unknown role"
+    become <value>; the cause itself is kept whole (no cut at its first colon: HH's
+    "no '\\n\\nAssistant:' turn" stays whole)."""
+    kind = _NUMBER.sub("N", reason)
+    kind = re.sub(r"\[N\]", "[i]", kind)
+    kind = _VALUE.sub(r"\1 <value>", kind)
+    return kind if len(kind) <= 300 else kind[:299] + "…"
+
+
+def all_rejected_error(summary: dict, top: int = 3) -> str | None:
+    """The failure message of a run in which no row could be scored, with its top reasons;
+    None when at least one row was scored. An empty input is a failure too."""
+    if summary.get("rows_scored", 0) > 0:
+        return None
+    rows_in = summary.get("rows_in", 0)
+    if not rows_in:
+        return "no rows to score: the input is empty"
+    reasons = Counter(summary.get("reject_reasons") or {})
+    shown = "; ".join(f"{r} ({n} rows)" for r, n in reasons.most_common(top))
+    more = len(reasons) - top
+    if more > 0:
+        shown += f"; and {more} more reason{'s' if more > 1 else ''} (see rejects/)"
+    return f"all {rows_in} rows were rejected, none scored: {shown}"
 
 
 def count_output(fs: pafs.FileSystem, root: str) -> dict:
@@ -65,7 +86,7 @@ def score_summary(out, plan, fmt: str, cfg, wall: float, resumed_chunks: int) ->
         "wall_s": round(wall, 2),
         "resumed_chunks": resumed_chunks,
         "chunks": len(plan.chunks),
-        "beta": cfg.beta,
+        "beta": cfg.scoring.beta,
         "policy": cfg.policy,
         "reference": cfg.reference,
         "data": cfg.data,

@@ -11,13 +11,26 @@ the scored tokens are exactly the response's. Rules:
   text do not produce a second);
 - the response ends with EOS unless the template already closes the turn with a special token;
 - over-long rows are rejected, or with `truncation="prompt-left"` lose prompt tokens from the
-  left; the response is never cut.
+  left; the response is never cut;
+- `strip_responses` (default True): the responses of conversational rows (chat messages, HH
+  turns) lose leading/trailing whitespace before rendering, as most chat templates' own
+  `| trim` does; False keeps them verbatim, as TRL does. Plain-text rows (a text prompt with
+  text responses, implicit-prompt strings) are never stripped: there the text is the data;
+- `exact_continuation` (default True): a response is tokenized as the continuation of the
+  rendered text, so a SentencePiece tokenizer does not give it the leading "▁" (word start)
+  it gives a text of its own (`[/INST]The` tokenizes as `The`, not `▁The`); False tokenizes
+  each response on its own, as TRL does. Byte-level BPE tokenizers (GPT-2, Llama-3, Qwen)
+  add no such prefix: for them both settings give the same ids;
+- a row the chat template rejects (jinja's `raise_exception`, e.g. "System role not
+  supported", or any other template error) is a RowError naming the field, never a crash.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
+from jinja2.exceptions import TemplateError
 
 from prefsel.formats import Example, RowError
 
@@ -55,6 +68,8 @@ class PairTokenizer:
         chat_template: str = "auto",
         max_length: int | None = None,
         truncation: str = "reject",
+        strip_responses: bool = True,
+        exact_continuation: bool = True,
     ) -> None:
         if truncation not in TRUNCATION_MODES:
             raise ValueError(f"truncation must be one of {TRUNCATION_MODES}, got {truncation!r}")
@@ -63,6 +78,8 @@ class PairTokenizer:
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.truncation = truncation
+        self.strip_responses = strip_responses
+        self.exact_continuation = exact_continuation
         self.mode = chat_template
         self.template: str | None
         if chat_template == "auto":
@@ -80,6 +97,10 @@ class PairTokenizer:
         self.bos_id: int | None = bos if bos is not None and probe[:1] == [bos] else None
         self.eos_id: int | None = tokenizer.eos_token_id
         self.special_ids = set(tokenizer.all_special_ids)
+        # SentencePiece-style tokenizers (Metaspace / add_dummy_prefix) mark the start of every
+        # text they are given as a word start ("▁"), even where the text continues a word.
+        first = tokenizer.convert_ids_to_tokens(self._ids("a")[:1])
+        self.dummy_prefix = bool(first) and isinstance(first[0], str) and first[0].startswith("\u2581")
 
     def uses_template(self, ex: Example) -> bool:
         if self.template is None:
@@ -89,10 +110,30 @@ class PairTokenizer:
     def _ids(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def _render(self, msgs: list[dict], generation_prompt: bool) -> str:
-        return self.tokenizer.apply_chat_template(
-            msgs, chat_template=self.template, tokenize=False, add_generation_prompt=generation_prompt
-        )
+    def _response_ids(self, text: str) -> list[int]:
+        """Ids of a response that continues the prompt's text (see `exact_continuation`)."""
+        if not (self.dummy_prefix and self.exact_continuation):
+            return self._ids(text)
+        # Tokenize behind an anchor that cannot merge with what follows and drop the anchor's
+        # ids: the response is then tokenized mid-text, without the "▁" of a text start.
+        anchor = self._ids("\n")
+        ids = self._ids("\n" + text)
+        if ids[: len(anchor)] == anchor:
+            return ids[len(anchor) :]
+        return self._ids(text)  # pragma: no cover - an anchor that merged: tokenize on its own
+
+    def _render(self, msgs: list[dict], generation_prompt: bool, field: str = "prompt") -> str:
+        try:
+            return self.tokenizer.apply_chat_template(
+                msgs, chat_template=self.template, tokenize=False, add_generation_prompt=generation_prompt
+            )
+        except (TemplateError, TypeError, KeyError, IndexError, ValueError) as e:
+            # A row the template refuses (raise_exception in the template, e.g. a system turn
+            # under a template without one) is a reject, not the end of the job.
+            raise RowError(f"field '{field}': chat template error: {e}") from None
+
+    def _response_text(self, resp: str) -> str:
+        return resp.strip() if self.strip_responses else resp
 
     def _with_bos(self, ids: list[int]) -> list[int]:
         bos = self.bos_id if self.bos_id is not None else self.tokenizer.bos_token_id
@@ -109,8 +150,8 @@ class PairTokenizer:
         """The prompt as the model sees it: rendered by the template, or plain text."""
         if self.uses_template(ex):
             msgs = ex.prompt_messages or [{"role": "user", "content": ex.prompt_text or ""}]
-            return self._render(msgs, True)
-        if ex.prompt_text is not None:
+            return self._render(msgs, True, ex.prompt_field)
+        if ex.prompt_text is not None and not (ex.from_messages and ex.prompt_messages):
             return ex.prompt_text
         return _plain_prompt_from_messages(ex.prompt_messages or [])
 
@@ -129,20 +170,21 @@ class PairTokenizer:
         if self.uses_template(ex):
             msgs = ex.prompt_messages or [{"role": "user", "content": ex.prompt_text or ""}]
             for i, resp in enumerate(ex.responses):
-                full = self._render([*msgs, {"role": "assistant", "content": resp.strip()}], False)
+                name = ex.response_names[i]
+                full = self._render([*msgs, {"role": "assistant", "content": self._response_text(resp)}], False, name)
                 if not full.startswith(prompt_str):
                     raise RowError(
-                        f"chat template: the conversation with response {i} does not start with "
-                        "the rendered prompt; cannot find the response boundary"
+                        f"field '{name}': chat template: the conversation with this response does not "
+                        "start with the rendered prompt; cannot find the response boundary"
                     )
-                ids = self._ids(full[len(prompt_str) :])
+                ids = self._response_ids(full[len(prompt_str) :])
                 if self.eos_id is not None and not self.special_ids.intersection(ids):
                     ids.append(self.eos_id)
                 responses.append(ids)
         else:
-            plain = ex.prompt_text is not None
+            plain = ex.prompt_text is not None and not (ex.from_messages and ex.prompt_messages)
             for r in ex.responses:
-                ids = self._ids(r if plain else " " + r.strip())
+                ids = self._response_ids(r if plain else " " + self._response_text(r))
                 if self.eos_id is not None and (not ids or ids[-1] != self.eos_id):
                     ids.append(self.eos_id)
                 responses.append(ids)
@@ -172,3 +214,24 @@ class PairTokenizer:
         if keep < 1:
             raise RowError(f"field '{which}': response alone too long to fit: {detail}")
         return TokenizedExample(head + prompt_ids[len(head) :][-keep:], responses)
+
+
+def rendering_note(fmt: str, tokenizer: PairTokenizer, sample: dict | None = None) -> str | None:
+    """What the model is shown for this data, in one sentence, where it is not the row's text
+    as written (for the run summary and the console); None when rows are scored as written."""
+    conv_rows = fmt in ("hh", "conversation") or (
+        sample is not None and fmt in ("pairs", "multi")
+        and any(isinstance(sample.get(k), list) for k in ("prompt", "chosen", "rejected"))
+    )
+    if fmt == "conversation" and sample is not None and isinstance(sample.get("chosen"), str):
+        return ("chosen/rejected are plain strings with an implicit prompt: the prompt is their longest "
+                "common prefix, cut as trl.extract_prompt cuts it, and the texts are scored as written")
+    if fmt == "hh":
+        if tokenizer.template is None:
+            return None  # HH text is scored as written
+        return ("HH-RLHF text is parsed into chat messages and rendered with the chat template "
+                "(--chat-template none scores the text as written)")
+    if conv_rows and tokenizer.template is None:
+        return ("no chat template: chat messages are rendered as plain text "
+                "'\\n\\nHuman: ...\\n\\nAssistant: <response>'")
+    return None
