@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from prefsel.demo.runner import METHODS, METRICS
+from prefsel.demo.methods import METHODS, METRICS
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,7 @@ def test_demo_quick_table_shape_and_sizes(quick_demo):
     k = math.floor(n * 0.1)
     assert res["data"]["selected_pairs"] == k
     table = res["table"]
-    assert list(table) == list(METHODS)  # smallest-gap, random, largest-gap, full
+    assert list(table) == list(METHODS)  # smallest-gap, smallest gap > 0, middle band, random, largest-gap, full
     for m in METHODS:
         row = table[m]
         assert row["pairs"] == ([n] if m == "full" else [k])
@@ -124,3 +124,30 @@ def test_demo_models_load_back_with_transformers(quick_demo):
         m = AutoModelForSequenceClassification.from_pretrained(path)
         assert m.config.num_labels == 1
         assert m(ids).logits.shape == (1, 1)
+
+
+def test_demo_gap_selections_are_exact(quick_demo):
+    """Each gap selection of the demo is exactly its rule on the scored gaps, k pairs each."""
+    from prefsel.demo.methods import GAP_SELECTIONS, METHOD_LABELS
+    from prefsel.selection import _scores_dataset
+
+    out, res = quick_demo
+    n = res["data"]["train_pairs"]
+    k = res["data"]["selected_pairs"]
+    t = _scores_dataset(str(out / "scores"))[0].to_table(columns=["row_id", "gap"])
+    order = sorted(zip(t["gap"].to_pylist(), t["row_id"].to_pylist()))
+    assert len(order) == n
+    sel = {}
+    for m in GAP_SELECTIONS:
+        with open(out / "selections" / m / "selected.jsonl") as f:
+            sel[m] = [(r["gap"], r["row_id"]) for r in map(json.loads, f)]
+        assert len(sel[m]) == k, m
+        assert res["selection"][m]["selected_negative_gaps"] == sum(g < 0 for g, _ in sel[m]), m
+        assert METHOD_LABELS[m] in (out / "results.md").read_text()
+    assert sel["smallest-gap"] == order[:k]
+    assert sel["smallest-positive-gap"] == [x for x in order if x[0] > 0][:k]
+    assert res["selection"]["smallest-positive-gap"]["selected_negative_gaps"] == 0
+    lo = math.floor(n * 0.45 + 1e-9)
+    assert sel["middle-band"] == order[lo:lo + k]
+    assert sel["largest-gap"] == sorted(sorted(order, key=lambda x: (-x[0], x[1]))[:k])
+    assert res["selection"]["smallest-gap"]["negative_gaps"] == sum(g < 0 for g, _ in order)

@@ -4,7 +4,8 @@
     sft      a tiny Llama trained on the chosen responses (`prefsel train sft`)
     dpo      a DPO policy from it (`prefsel train dpo`), the policy that scores the gaps
     score    every training pair's implicit-reward gap (prefsel.score_job.run_score)
-    select   smallest-gap 10%, random 10%, largest-gap 10% (prefsel.selection.run_select), and 100%
+    select   smallest-gap, smallest gap > 0, middle quantile band q45-q55, random, largest-gap: each
+             10% of the pairs (prefsel.selection.run_select); and 100%
     train    per seed and method: a Bradley-Terry reward model and a DPO policy
     eval     held-out pairs: RM accuracy, DPO reward accuracy, held-out log-likelihood of the answers
     report   results.md / results.json / figure.png

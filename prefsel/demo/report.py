@@ -6,7 +6,7 @@ import json
 import statistics
 from pathlib import Path
 
-from prefsel.demo.runner import METHOD_LABELS, METHODS, METRIC_LABELS, METRICS
+from prefsel.demo.methods import GAP_SELECTIONS, METHOD_COLORS, METHOD_LABELS, METHODS, METRIC_LABELS, METRICS
 
 
 def _agg(values: list[float]) -> dict:
@@ -60,6 +60,10 @@ def markdown(result: dict) -> str:
         f"reward accuracy {b['scorer_dpo_reward_accuracy']:.3f}, log-lik {b['scorer_heldout_loglik']:.3f}.",
         "Selections (mislabeled pairs, pairs by error size): " + "; ".join(
             f"{k}: {v['mislabeled']} mislabeled, {v['error_counts']}" for k, v in result["selection_composition"].items()),
+        f"Negative-gap pairs ({next(iter(result['selection'].values()), {}).get('negative_gaps')} of all "
+        f"{d['train_pairs']}) per selection: " + "; ".join(
+            f"{k}: {v.get('selected_negative_gaps')} of {v.get('rows_selected')}"
+            for k, v in result["selection"].items()),
         "Timings (s): " + ", ".join(f"{k} {v}" for k, v in result["timings_s"].items()),
     ]
     return "\n".join(lines + notes) + "\n"
@@ -80,22 +84,24 @@ def figure(result: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 1 + len(METRICS), figsize=(4.2 * (1 + len(METRICS)), 3.6))
     ax = axes[0]
     ax.hist(gaps, bins=40, color="#888")
-    for name, color in (("smallest-gap", "tab:red"), ("largest-gap", "tab:blue")):
+    for name in GAP_SELECTIONS:
         cut = result["selection"].get(name, {}).get("cutoff_gap")
-        if cut is not None:
-            ax.axvline(cut, color=color, ls="--", label=f"{name} 10% cut-off")
+        for i, c in enumerate(cut if isinstance(cut, list) else [] if cut is None else [cut]):
+            ax.axvline(c, color=METHOD_COLORS[name], ls="--",
+                       label=f"{METHOD_LABELS[name]} cut-off" if i == 0 else None)
+    ax.axvline(0.0, color="k", lw=0.5, ls=":")
     ax.set_title(f"reward gap of {len(gaps)} training pairs")
     ax.set_xlabel("gap = r(chosen) - r(rejected)")
     ax.legend(fontsize=7)
     table = result["table"]
     names = [table[m]["method"] for m in table]
-    colors = ["tab:red", "tab:gray", "tab:blue", "tab:green"][: len(names)]
+    colors = [METHOD_COLORS[m] for m in table]
     for ax, k in zip(axes[1:], METRICS):
         means = [table[m][k]["mean"] for m in table]
         lo = [table[m][k]["mean"] - table[m][k]["min"] for m in table]
         hi = [table[m][k]["max"] - table[m][k]["mean"] for m in table]
         ax.bar(range(len(names)), means, yerr=[lo, hi], color=colors, capsize=4)
-        ax.set_xticks(range(len(names)), names, rotation=20, fontsize=8)
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=7)
         ax.set_title(METRIC_LABELS[k] + " (bars: min-max)")
         if k != "heldout_loglik":
             ax.axhline(0.5, color="k", lw=0.5, ls=":")

@@ -15,19 +15,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-METHODS = ("smallest-gap", "random", "largest-gap", "full")
-METHOD_LABELS = {
-    "smallest-gap": "smallest-gap 10%",
-    "random": "random 10%",
-    "largest-gap": "largest-gap 10%",
-    "full": "all 100%",
-}
-METRICS = ("rm_accuracy", "dpo_reward_accuracy", "heldout_loglik")
-METRIC_LABELS = {
-    "rm_accuracy": "RM accuracy",
-    "dpo_reward_accuracy": "DPO reward accuracy",
-    "heldout_loglik": "held-out log-lik / token",
-}
+from prefsel.demo.methods import GAP_SELECTIONS, METHOD_LABELS, METHODS, METRIC_LABELS, METRICS
+from prefsel.demo.report import write_report
+
+__all__ = ["DemoConfig", "Demo", "run_demo", "METHODS", "METHOD_LABELS", "METRICS", "METRIC_LABELS"]
 
 DATA_SEED = 0  # training pairs
 EVAL_SEED = 1000  # held-out pairs (never mislabeled)
@@ -37,7 +28,6 @@ MODEL_SEED = 0  # tiny model init, SFT and the DPO scorer (shared by all seeds)
 @dataclass
 class DemoConfig:
     output: str = "runs/demo"
-    quick: bool = False
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     ratio: float = 0.1
     n_train: int = 2000
@@ -63,7 +53,7 @@ class DemoConfig:
 
     @classmethod
     def quick_config(cls, **kw) -> DemoConfig:
-        base = dict(quick=True, seeds=[0], n_train=200, n_eval=64, hidden_size=32, intermediate_size=64,
+        base = dict(seeds=[0], n_train=200, n_eval=64, hidden_size=32, intermediate_size=64,
                     vocab_size=384, batch_size=8, sft_epochs=2, scorer_epochs=1, epochs=1)
         base.update(kw)
         return cls(**base)
@@ -142,23 +132,38 @@ class Demo:
 
     def score_and_select(self) -> dict[str, str]:
         from prefsel.score_job import ScoreJobConfig, run_score
+        from prefsel.scoring import ScoreConfig
         from prefsel.selection import SelectConfig, run_select
 
         t0 = time.time()
         self.scores_path = str(self.out / "scores")
         run_score(ScoreJobConfig(policy=self.scorer_path, reference=self.sft_path, data=self.train_path,
-                                 output=self.scores_path, chat_template="none", beta=self.cfg.beta,
-                                 chunk_rows=256, overwrite=True))
+                                 output=self.scores_path, chat_template="none", chunk_rows=256, overwrite=True,
+                                 scoring=ScoreConfig(beta=self.cfg.beta)))
         self.timings["score_s"] = time.time() - t0
         sel = {}
         self.select_summaries = {}
-        for strategy in ("smallest-gap", "largest-gap"):
-            out = str(self.out / "selections" / strategy)
-            self.select_summaries[strategy] = run_select(SelectConfig(
-                scores=self.scores_path, output=out, ratio=self.cfg.ratio, strategy=strategy, overwrite=True))
-            sel[strategy] = out
+        for method in GAP_SELECTIONS:
+            out = str(self.out / "selections" / method)
+            self.select_summaries[method] = run_select(SelectConfig(
+                scores=self.scores_path, output=out, overwrite=True, **self.selection_args(method)))
+            sel[method] = out
         _log(f"scored {len(self.train_rows)} pairs and selected in {time.time() - t0:.1f}s")
         return sel
+
+    def selection_args(self, method: str) -> dict:
+        """SelectConfig arguments of a gap selection. Every one keeps k = floor(N x ratio) pairs (N = all
+        training pairs), so the 10% methods train on the same number of pairs."""
+        r = self.cfg.ratio
+        k = math.floor(len(self.train_rows) * r + 1e-9)
+        if method in ("smallest-gap", "largest-gap"):
+            return {"strategy": method, "ratio": r}
+        if method == "smallest-positive-gap":  # hardest pairs the scorer does not contradict (gap > 0)
+            return {"strategy": "smallest-gap", "min_gap": 0.0, "top_k": k}
+        if method == "middle-band":  # positions floor(N(0.5 - r/2)) .. floor(N(0.5 + r/2)) - 1: k or k + 1 rows,
+            # capped at k (the band's k hardest)
+            return {"strategy": "quantile-band", "band": (0.5 - r / 2, 0.5 + r / 2), "top_k": k}
+        raise ValueError(f"not a gap selection: {method}")
 
     def select_random(self, seed: int) -> str:
         from prefsel.selection import SelectConfig, run_select
@@ -227,7 +232,7 @@ class Demo:
 
         hf_logging.disable_progress_bar()  # one "Loading weights" bar per model load; the demo logs its stages
         from prefsel.models import load_causal_lm
-        from prefsel.score_job import init_ray
+        from prefsel.jobs import init_ray
 
         c = self.cfg
         t_all = time.time()
@@ -253,8 +258,7 @@ class Demo:
         # start-up, not the few optimizer steps, is what costs time at this scale)
         jobs = []
         for seed in c.seeds:
-            data = {"smallest-gap": sel["smallest-gap"], "random": self.select_random(seed),
-                    "largest-gap": sel["largest-gap"], "full": self.train_path}
+            data = {**sel, "random": self.select_random(seed), "full": self.train_path}
             for method in METHODS:
                 k = n if method == "full" else self.select_summaries[
                     f"random-seed{seed}" if method == "random" else method]["rows_selected"]
@@ -291,8 +295,6 @@ class Demo:
                 runs.append(run)
         self.timings["methods_s"] = time.time() - t0
         self.timings["total_s"] = time.time() - t_all
-        from prefsel.demo.report import write_report
-
         result = {
             "config": asdict(c),
             "seeds": {"data": DATA_SEED, "eval": EVAL_SEED, "model_sft_scorer": MODEL_SEED,
@@ -300,8 +302,9 @@ class Demo:
             "data": {"train_pairs": n, "eval_pairs": len(self.eval_rows), "mislabeled_train":
                      sum(r["mislabeled"] for r in self.train_rows), "selected_pairs": math.floor(n * c.ratio)},
             "baseline": baseline,
-            "selection": {k: {kk: v.get(kk) for kk in ("rows_selected", "cutoff_gap", "selected_gap_mean",
-                                                          "negative_gaps")}
+            "selection": {k: {kk: v.get(kk) for kk in ("rows_selected", "rows_after_filter", "cutoff_gap",
+                                                          "selected_gap_mean", "negative_gaps",
+                                                          "selected_negative_gaps")}
                           for k, v in self.select_summaries.items()},
             "selection_composition": self.composition(sel),
             "runs": runs,
