@@ -85,7 +85,7 @@ def run_trl(args, pol_dir, ref_dir, rows, out_dir) -> dict:
 
 
 def run_prefsel(args, pol_dir, ref_dir, data_path, out_dir, *, local: bool, ref_mode: str) -> dict:
-    from prefsel.train.cli import add_arguments, config_from_args
+    from prefsel.train.cli import add_arguments, config
     from prefsel.train.job import run_train
 
     argv = ["dpo", "--model", pol_dir, "--ref-model", ref_dir, "--data", data_path, "--output", out_dir,
@@ -98,7 +98,7 @@ def run_prefsel(args, pol_dir, ref_dir, data_path, out_dir, *, local: bool, ref_
     p = argparse.ArgumentParser()
     add_arguments(p)
     t0 = time.perf_counter()
-    s = run_train(config_from_args(p.parse_args(argv)))
+    s = run_train(config(p.parse_args(argv)))
     wall = time.perf_counter() - t0
     with open(os.path.join(out_dir, "train_result.json")) as f:
         res = json.load(f)

@@ -217,6 +217,48 @@ def test_reference_never_receives_gradients(toy):
     assert all(torch.equal(before[k], v) for k, v in ref.state_dict().items())
 
 
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_precompute_and_online_reference_load_and_score_alike(ray_local, toy, bf16):
+    """--ref-mode precompute (Ray Data actors) and online (every worker) load the reference in
+    the one cfg.reference_dtype, on every device (bf16 only with --bf16; "auto" would be bf16 on
+    a GPU), and give the same reference log-probs for the same rows."""
+    import numpy as np
+
+    from prefsel.logprobs import collate_sequences, response_logprobs
+    from prefsel.models import resolve_dtype
+    from prefsel.train.config import TrainConfig
+    from prefsel.train.data import precompute_reference, to_ray_dataset
+    from prefsel.train.loop import load_reference
+
+    tok, rows = _rows(toy, n=6)
+    cfg = TrainConfig("dpo", toy["model"], "d", str(toy["dir"] / "unused"), bf16=bf16, train_batch_size=8)
+
+    class Capture:  # stands in for the Ray Dataset: records what the actor pool is built with
+        def map_batches(self, fn, **kw):
+            self.kwargs = kw.get("fn_constructor_kwargs") or {}
+            return self
+
+        def materialize(self):
+            return self
+
+    asked = precompute_reference(Capture(), cfg, tok.pad_token_id).kwargs["dtype"]
+    assert asked == cfg.reference_dtype
+    for device in (torch.device("cpu"), torch.device("cuda")):  # resolve_dtype needs no GPU
+        assert resolve_dtype(asked, device) == resolve_dtype(cfg.reference_dtype, device)
+    online = load_reference(cfg, "cpu")
+    assert next(online.parameters()).dtype == resolve_dtype(cfg.reference_dtype, torch.device("cpu"))
+
+    pre = sorted(precompute_reference(to_ray_dataset(rows), cfg, tok.pad_token_id).take_all(),
+                 key=lambda r: r["row_id"])
+    got = np.array([list(r["ref_logps"]) for r in pre])
+    with torch.no_grad():
+        want = np.stack([response_logprobs(online, *collate_sequences(
+            [r["prompt_ids"] for r in rows], [r["response_ids"][j] for r in rows], tok.pad_token_id)).numpy()
+            for j in range(2)], axis=1)
+    print(f"reference log-probs ({cfg.reference_dtype}): max |precompute - online| =", np.abs(got - want).max())
+    np.testing.assert_allclose(got, want, rtol=1e-6 if not bf16 else 2e-3, atol=1e-6)
+
+
 def test_config_defaults_and_validation():
     from prefsel.train.config import TrainConfig
     from prefsel.train.strategy import deepspeed_config
@@ -224,6 +266,8 @@ def test_config_defaults_and_validation():
     d = TrainConfig("dpo", "m", "d", "/tmp/o", train_batch_size=8, micro_train_batch_size=2, num_workers=2)
     h = TrainConfig("hps", "m", "d", "/tmp/o", train_batch_size=8)
     assert d.beta == 0.1 and h.beta == 0.25 and d.grad_accum == 2
+    assert d.reference_dtype == "fp32" and TrainConfig("dpo", "m", "d", "/o", bf16=True).reference_dtype == "bf16"
+    assert not {"fail_at_step", "extra"} & set(d.to_dict())  # no testing / catch-all fields
     assert h.gamma_at(0, 11) == -5.0 and h.gamma_at(10, 11) == 5.0 and h.gamma_at(5, 11) == 0.0
     assert TrainConfig("hps", "m", "d", "/o", hps_mode="loss").gamma_at(0, 10) == 5.0
     ds = deepspeed_config(TrainConfig("rm", "m", "d", "/o", zero_stage=3, offload_param=True,
@@ -363,11 +407,34 @@ def test_zero_and_ddp_give_the_same_loss_curve(dpo_zero2, toy, strategy):
         assert b[s] == pytest.approx(a[s], rel=2e-3, abs=1e-4)
 
 
-def test_killed_worker_restarts_from_checkpoint_then_resume(dpo_zero2, toy):
+def _fail_once_after_step(monkeypatch, at_step: int, marker: str) -> None:
+    """Test hook: rank 0 raises once, after step `at_step` (and its checkpoint), leaving `marker`.
+
+    It rides in the train_loop_config as "on_step_end", added by a wrapper around the worker
+    loop; the wrapper and the hook are closures, so Ray pickles them by value to the workers."""
+    from prefsel.train import loop
+
+    def fail_once(step, rank):
+        if step == at_step and rank == 0 and not os.path.exists(marker):
+            with open(marker, "w") as f:
+                f.write(str(step))
+            raise RuntimeError(f"injected failure after step {step}")
+
+    def loop_with_failure(config):
+        from prefsel.train import loop as worker_loop  # the worker's own, unpatched module
+
+        worker_loop.train_loop_per_worker({**config, "on_step_end": fail_once})
+
+    monkeypatch.setattr(loop, "train_loop_per_worker", loop_with_failure)
+
+
+def test_killed_worker_restarts_from_checkpoint_then_resume(dpo_zero2, toy, monkeypatch):
     ref_out, _ = dpo_zero2
     out = toy["dir"] / "killed"
     base = _args("dpo", toy, out, "--data", toy["pairs"], *DPO_FLAGS, "--save-steps", "2", "--no-tensorboard")
-    s = _run([*base, "--max-steps", "6", "--fail-at-step", "5", "--max-failures", "1"])
+    with monkeypatch.context() as m:
+        _fail_once_after_step(m, 5, str(out / "_fail_injected"))
+        s = _run([*base, "--max-steps", "6", "--max-failures", "1"])
     assert (out / "_fail_injected").exists()  # it did die once, after step 5
     assert s["steps"] == 6 and s["resumed_from_step"] == 4  # restarted from checkpoint 4
     a, b = _curve(ref_out), _curve(out)

@@ -1,6 +1,6 @@
 """Training on Ray Train (+ DeepSpeed): DPO, HPS and Bradley-Terry reward models.
 
-Layers (DESIGN.md: pure torch code does not import Ray; the Ray layer wraps it):
+Layers (pure torch code does not import Ray; the Ray layer wraps it; see ARCHITECTURE.md):
 
     config.py      TrainConfig: every option, defaults from the papers, validated once
     data.py        rows -> tokenized training rows (core formats/tokenizer), epoch/batch plan,

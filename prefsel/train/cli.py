@@ -1,9 +1,13 @@
-"""`prefsel train rm|dpo|hps`: flag names follow OpenRLHF / TRL (hyphenated, with their aliases)."""
+"""`prefsel train rm|dpo|hps|sft`: flag names follow OpenRLHF / TRL (hyphenated, with their aliases).
+
+The model and data flags are the shared groups of prefsel.flags; every default is TrainConfig's."""
 
 from __future__ import annotations
 
 import argparse
+from functools import partial
 
+from prefsel.flags import add_data_flags, add_model_flags, config_from_args, default_of
 from prefsel.losses import DPO_LOSS_TYPES
 
 HELP = {
@@ -15,83 +19,78 @@ HELP = {
 
 
 def _shared(p: argparse.ArgumentParser, task: str) -> None:
-    g = p.add_argument_group("model and data")
-    g.add_argument("--model", "--pretrain", dest="model", required=True, help="model to train: folder or hub name")
-    g.add_argument("--data", "--dataset", dest="data", required=True,
-                   help="file, folder (a `prefsel select` output works), hub dataset or s3:// URI")
+    from prefsel.train.config import DEFAULT_BETA, DEFAULT_LR, TrainConfig
+
+    d = partial(default_of, TrainConfig)
+    add_model_flags(p, TrainConfig, roles=("model",), model_flags=("--model", "--pretrain"),
+                    model_help="model to train: folder or hub name")
+    add_data_flags(p, TrainConfig, data_help="file, folder (a `prefsel select` output works), hub dataset or s3:// URI",
+                   formats=("pairs", "conversation", "hh", "multi"))
+    g = p.add_argument_group("output and held-out data")
     g.add_argument("--output", "--save-path", dest="output", required=True,
                    help="output folder: final/ (the model), tensorboard/, checkpoints, summary.json")
-    g.add_argument("--tokenizer", default=None, help="tokenizer (default: the model's)")
-    g.add_argument("--trust-remote-code", action="store_true")
-    g.add_argument("--split", default="train")
     g.add_argument("--eval-data", "--eval-dataset", dest="eval_data", default=None, help="held-out data, same format")
-    g.add_argument("--eval-split", default="test")
-    g.add_argument("--format", default=None, choices=["pairs", "conversation", "hh", "multi"])
-    g.add_argument("--chat-template", default="auto", help="auto, none, or a Jinja template file")
-    g.add_argument("--max-length", "--max-len", dest="max_length", type=int, default=2048,
-                   help="max tokens of prompt + response")
-    g.add_argument("--truncation", default="reject", choices=["reject", "prompt-left"])
+    g.add_argument("--eval-split", default=d("eval_split"))
     o = p.add_argument_group("optimisation")
     o.add_argument("--learning-rate", "--lr", dest="learning_rate", type=float, default=None,
-                   help="default 5e-7 (dpo, hps), 9e-6 (rm)")
-    o.add_argument("--epochs", "--max-epochs", "--num-train-epochs", dest="epochs", type=int, default=1)
+                   help=f"default {DEFAULT_LR[task]:g}")
+    o.add_argument("--epochs", "--max-epochs", "--num-train-epochs", dest="epochs", type=int, default=d("epochs"))
     o.add_argument("--max-steps", type=int, default=None,
                    help="stop after N optimizer steps (schedules still span --epochs)")
-    o.add_argument("--train-batch-size", type=int, default=128, help="global batch per optimizer step")
+    o.add_argument("--train-batch-size", type=int, default=d("train_batch_size"), help="global batch per optimizer step")
     o.add_argument("--micro-train-batch-size", "--per-device-train-batch-size", dest="micro_train_batch_size",
-                   type=int, default=1, help="per worker per forward; accumulation is derived")
-    o.add_argument("--weight-decay", "--l2", dest="weight_decay", type=float, default=0.0)
-    o.add_argument("--adam-betas", type=float, nargs=2, default=(0.9, 0.95))
-    o.add_argument("--lr-scheduler", default="cosine", choices=["constant", "linear", "cosine"])
-    o.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine floor, as a fraction of the lr")
-    o.add_argument("--lr-warmup-ratio", type=float, default=0.03)
-    o.add_argument("--max-norm", type=float, default=1.0, help="gradient clipping (0: off)")
-    o.add_argument("--seed", type=int, default=42)
+                   type=int, default=d("micro_train_batch_size"), help="per worker per forward; accumulation is derived")
+    o.add_argument("--weight-decay", "--l2", dest="weight_decay", type=float, default=d("weight_decay"))
+    o.add_argument("--adam-betas", type=float, nargs=2, default=d("adam_betas"))
+    o.add_argument("--lr-scheduler", default=d("lr_scheduler"), choices=["constant", "linear", "cosine"])
+    o.add_argument("--min-lr-ratio", type=float, default=d("min_lr_ratio"), help="cosine floor, as a fraction of the lr")
+    o.add_argument("--lr-warmup-ratio", type=float, default=d("lr_warmup_ratio"))
+    o.add_argument("--max-norm", type=float, default=d("max_norm"), help="gradient clipping (0: off)")
+    o.add_argument("--seed", type=int, default=d("seed"))
     o.add_argument("--bf16", action="store_true")
     o.add_argument("--gradient-checkpointing", action="store_true")
-    o.add_argument("--lora-rank", type=int, default=0, help="LoRA rank (0: full fine-tuning; needs peft)")
-    o.add_argument("--lora-alpha", type=int, default=16)
-    o.add_argument("--lora-dropout", type=float, default=0.0)
+    o.add_argument("--lora-rank", type=int, default=d("lora_rank"), help="LoRA rank (0: full fine-tuning; needs peft)")
+    o.add_argument("--lora-alpha", type=int, default=d("lora_alpha"))
+    o.add_argument("--lora-dropout", type=float, default=d("lora_dropout"))
     o.add_argument("--target-modules", nargs="*", default=None)
-    d = p.add_argument_group("distributed (Ray Train)")
-    d.add_argument("--strategy", default="deepspeed", choices=["deepspeed", "ddp"])
-    d.add_argument("--zero-stage", type=int, default=2, choices=[0, 1, 2, 3])
-    d.add_argument("--offload-optimizer", "--adam-offload", dest="offload_optimizer", action="store_true")
-    d.add_argument("--offload-param", action="store_true", help="ZeRO-3 parameter offload to CPU")
-    d.add_argument("--num-workers", type=int, default=1)
-    d.add_argument("--use-gpu", action="store_true")
-    d.add_argument("--cpus-per-worker", type=float, default=1.0)
-    d.add_argument("--local-mode", action="store_true",
-                   help="Ray Train local mode: run the loop in this process (one worker, --strategy ddp, "
-                        "no checkpoints kept); for debugging and tiny runs")
-    d.add_argument("--storage-path", default=None, help="Ray Train storage (default: OUTPUT); s3:// works")
-    d.add_argument("--run-name", default="train")
-    d.add_argument("--max-failures", type=int, default=0, help="restarts from the last checkpoint")
-    d.add_argument("--resume", action="store_true", help="continue OUTPUT's run from its latest checkpoint")
-    d.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
-    d.add_argument("--fail-at-step", type=int, default=None, help=argparse.SUPPRESS)
+    dist = p.add_argument_group("distributed (Ray Train)")
+    dist.add_argument("--strategy", default=d("strategy"), choices=["deepspeed", "ddp"])
+    dist.add_argument("--zero-stage", type=int, default=d("zero_stage"), choices=[0, 1, 2, 3])
+    dist.add_argument("--offload-optimizer", "--adam-offload", dest="offload_optimizer", action="store_true")
+    dist.add_argument("--offload-param", action="store_true", help="ZeRO-3 parameter offload to CPU")
+    dist.add_argument("--num-workers", type=int, default=d("num_workers"))
+    dist.add_argument("--use-gpu", action="store_true")
+    dist.add_argument("--cpus-per-worker", type=float, default=d("cpus_per_worker"))
+    dist.add_argument("--local-mode", action="store_true",
+                      help="Ray Train local mode: run the loop in this process (one worker, --strategy ddp, "
+                           "no checkpoints kept); for debugging and tiny runs")
+    dist.add_argument("--storage-path", default=None, help="Ray Train storage (default: OUTPUT); s3:// works")
+    dist.add_argument("--run-name", default=d("run_name"))
+    dist.add_argument("--max-failures", type=int, default=d("max_failures"), help="restarts from the last checkpoint")
+    dist.add_argument("--resume", action="store_true", help="continue OUTPUT's run from its latest checkpoint")
+    dist.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
     lg = p.add_argument_group("logging and checkpoints")
-    lg.add_argument("--logging-steps", type=int, default=1)
+    lg.add_argument("--logging-steps", type=int, default=d("logging_steps"))
     lg.add_argument("--eval-steps", type=int, default=None, help="default: at the end only")
     lg.add_argument("--save-steps", type=int, default=None, help="default: at the end only")
-    lg.add_argument("--keep-checkpoints", type=int, default=2)
+    lg.add_argument("--keep-checkpoints", type=int, default=d("keep_checkpoints"))
     lg.add_argument("--no-tensorboard", dest="use_tensorboard", action="store_false")
     lg.add_argument("--use-wandb", action="store_true")
-    lg.add_argument("--wandb-project", default="prefsel")
+    lg.add_argument("--wandb-project", default=d("wandb_project"))
     lg.add_argument("--no-progress", dest="progress", action="store_false")
     if task in ("dpo", "hps"):
         x = p.add_argument_group("objective")
-        x.add_argument("--beta", type=float, default=None, help=f"default {0.1 if task == 'dpo' else 0.25}")
-        x.add_argument("--loss", "--loss-type", dest="loss_type", default="sigmoid", choices=list(DPO_LOSS_TYPES))
-        x.add_argument("--label-smoothing", type=float, default=0.0)
+        x.add_argument("--beta", type=float, default=None, help=f"default {DEFAULT_BETA[task]}")
+        x.add_argument("--loss", "--loss-type", dest="loss_type", default=d("loss_type"), choices=list(DPO_LOSS_TYPES))
+        x.add_argument("--label-smoothing", type=float, default=d("label_smoothing"))
         x.add_argument("--ref-model", "--reference", dest="ref_model", default=None,
                        help="reference model (default: --model)")
-        x.add_argument("--ref-mode", default="precompute", choices=["precompute", "online"])
-        x.add_argument("--ref-actors", type=int, default=1, help="Ray Data actors for the precompute")
-        x.add_argument("--ref-batch-tokens", type=int, default=16384)
+        x.add_argument("--ref-mode", default=d("ref_mode"), choices=["precompute", "online"])
+        x.add_argument("--ref-actors", type=int, default=d("ref_actors"), help="Ray Data actors for the precompute")
+        x.add_argument("--ref-batch-tokens", type=int, default=d("ref_batch_tokens"))
     if task == "hps":
         h = p.add_argument_group("HPS")
-        h.add_argument("--hps-mode", default="sample", choices=["sample", "loss"])
+        h.add_argument("--hps-mode", default=d("hps_mode"), choices=["sample", "loss"])
         h.add_argument("--gamma", type=float, default=None,
                        help="constant hardness (default: sample mode schedules -5 -> 5; loss mode 5)")
         h.add_argument("--gamma-start", type=float, default=None)
@@ -101,7 +100,8 @@ def _shared(p: argparse.ArgumentParser, task: str) -> None:
     if task == "rm":
         r = p.add_argument_group("reward model")
         r.add_argument("--margin-column", default=None, help="per-pair margin column of the data")
-        r.add_argument("--center-coef", "--center-rewards-coefficient", dest="center_coef", type=float, default=0.0)
+        r.add_argument("--center-coef", "--center-rewards-coefficient", dest="center_coef", type=float,
+                       default=d("center_coef"))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -110,16 +110,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         _shared(sub.add_parser(task, help=HELP[task], description=HELP[task]), task)
 
 
-def config_from_args(args: argparse.Namespace):
-    import dataclasses
-
+def config(args: argparse.Namespace):
     from prefsel.train.config import TrainConfig
 
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    kw = {k: v for k, v in vars(args).items() if k in names}
-    if "adam_betas" in kw and kw["adam_betas"] is not None:
-        kw["adam_betas"] = tuple(kw["adam_betas"])
-    return TrainConfig(**kw)
+    return config_from_args(TrainConfig, args)
 
 
 def print_train_summary(s: dict) -> None:
@@ -137,6 +131,6 @@ def print_train_summary(s: dict) -> None:
 def run(args: argparse.Namespace) -> dict:
     from prefsel.train.job import run_train
 
-    summary = run_train(config_from_args(args))
+    summary = run_train(config(args))
     print_train_summary(summary)
     return summary

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
+from prefsel.gap import DEFAULT_BETA as DPO_BETA
+from prefsel.logprobs import DEFAULT_MAX_TOKENS_PER_BATCH
 from prefsel.losses import DPO_LOSS_TYPES
 
 TASKS = ("dpo", "hps", "rm", "sft")
@@ -23,8 +25,13 @@ REF_MODES = ("precompute", "online")
 HPS_MODES = ("sample", "loss")
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 
-DEFAULT_BETA = {"dpo": 0.1, "hps": 0.25, "rm": 0.1, "sft": 0.1}
+DEFAULT_BETA = {"dpo": DPO_BETA, "hps": 0.25, "rm": DPO_BETA, "sft": DPO_BETA}  # HPS paper: 0.25
 DEFAULT_LR = {"dpo": 5e-7, "hps": 5e-7, "rm": 9e-6, "sft": 2e-5}
+
+
+def is_local_uri(uri: str) -> bool:
+    """True for a path on this machine's file system, False for a URI with a scheme (s3://...)."""
+    return "://" not in uri
 
 
 @dataclass
@@ -70,7 +77,7 @@ class TrainConfig:
     loss_type: str = "sigmoid"
     label_smoothing: float = 0.0
     ref_mode: str = "precompute"
-    ref_batch_tokens: int = 16384
+    ref_batch_tokens: int = DEFAULT_MAX_TOKENS_PER_BATCH
     ref_actors: int = 1
     center_coef: float = 0.0  # rm: TRL center_rewards_coefficient
     hps_mode: str = "sample"
@@ -104,8 +111,6 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False
     max_failures: int = 0
-    fail_at_step: int | None = None  # testing: raise once in rank 0 after this step
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         from prefsel.sources import absolute_local
@@ -178,17 +183,13 @@ class TrainConfig:
                 import wandb  # noqa: F401
             except ImportError as e:
                 raise ValueError("--use-wandb needs the `wandb` package") from e
-        if "://" not in self.output:
+        if is_local_uri(self.output):
             self.output = os.path.abspath(self.output)
 
     # ---- derived values -------------------------------------------------------------------
     @property
     def grad_accum(self) -> int:
         return self.train_batch_size // (self.micro_train_batch_size * self.num_workers)
-
-    @property
-    def per_worker_batch(self) -> int:
-        return self.train_batch_size // self.num_workers
 
     @property
     def tokenizer_path(self) -> str:
@@ -199,13 +200,20 @@ class TrainConfig:
         return self.ref_model or self.model
 
     @property
+    def reference_dtype(self) -> str:
+        """The reference model's weight dtype (prefsel.models names), the SAME for
+        --ref-mode precompute (Ray Data actors) and online (every worker): bf16 with --bf16,
+        else fp32 on every device, so the two modes train on the same reference log-probs."""
+        return "bf16" if self.bf16 else "fp32"
+
+    @property
     def needs_reference(self) -> bool:
         return self.task in ("dpo", "hps")
 
     @property
     def resolved_storage_path(self) -> str:
         if self.storage_path:
-            return self.storage_path if "://" in self.storage_path else os.path.abspath(self.storage_path)
+            return os.path.abspath(self.storage_path) if is_local_uri(self.storage_path) else self.storage_path
         return self.output.rstrip("/")
 
     def gamma_at(self, step: int, total_steps: int) -> float:

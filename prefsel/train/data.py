@@ -21,9 +21,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow as pa
 
 from prefsel.formats import RowError, detect_format, to_example
-from prefsel.sources import plan_source, read_chunk, sample_records
+from prefsel.jobs import ActorResources, ModelActor, flatten_responses, group_by_owner, map_actor_pool
+from prefsel.prepare import unexpected_reason
+from prefsel.sources import not_object_reason, plan_source, read_chunk, sample_records, value_problem
+from prefsel.summary import _reason_kind
 
 
 @dataclass
@@ -61,9 +65,12 @@ def load_rows(
     for chunk in plan.chunks:
         for raw in read_chunk(chunk):
             rows_in += 1
-            try:
-                if raw.error:
-                    raise RowError(raw.error)
+            try:  # one bad row never aborts the run: any failure is counted with its reason
+                if raw.error or not isinstance(raw.record, dict):
+                    raise RowError(raw.error or not_object_reason(raw.record))
+                problem = value_problem(raw.record)
+                if problem:
+                    raise RowError(problem)
                 ex = to_example(raw.record, fmt)
                 row = {"row_id": raw.row_id, "rewards": [], "margin": 0.0}
                 if task == "hps":
@@ -81,7 +88,10 @@ def load_rows(
                 row["prompt_ids"] = list(tok.prompt_ids)
                 row["response_ids"] = [list(r) for r in tok.response_ids]
             except RowError as e:
-                rejected[str(e).split(":")[0] + ": " + str(e).split(":", 1)[-1].strip()[:80]] += 1
+                rejected[_reason_kind(str(e))] += 1
+                continue
+            except Exception as e:  # noqa: BLE001
+                rejected[_reason_kind(unexpected_reason(e))] += 1
                 continue
             rows.append(row)
     return LoadedData(rows, fmt, rows_in, rejected)
@@ -119,38 +129,29 @@ def hps_rng(seed: int, epoch: int, row_id: int) -> np.random.Generator:
 # ---- reference log-probs, precomputed on Ray Data -----------------------------------------------------
 
 
-class RefLogpActor:
-    """Ray Data actor: adds `ref_logps` (one per response) with prefsel.scoring.sequences_logprobs."""
+class RefLogpActor(ModelActor):
+    """Adds `ref_logps` (one per response) with prefsel.scoring.sequences_logprobs."""
 
-    def __init__(self, ref_path: str, pad_token_id: int, max_tokens: int, use_gpu: bool, dtype: str,
+    inputs = ("prompt_ids", "response_ids")
+    consumed = ()
+    results = pa.schema([("ref_logps", pa.list_(pa.float64()))])
+
+    def __init__(self, resources: ActorResources, ref_path: str, pad_token_id: int, max_tokens: int, dtype: str,
                  trust_remote_code: bool = False) -> None:
-        import torch
-
+        super().__init__(resources)
         from prefsel.models import load_causal_lm
         from prefsel.scoring import ScoreConfig
 
-        torch.set_num_threads(1) if not use_gpu else None
-        self.device = "cuda" if use_gpu else "cpu"
-        self.model = load_causal_lm(ref_path, dtype=dtype, device=self.device, trust_remote_code=trust_remote_code)
+        self.model = load_causal_lm(ref_path, dtype=dtype, device=str(self.device), trust_remote_code=trust_remote_code)
         self.pad = pad_token_id
         self.cfg = ScoreConfig(max_tokens_per_batch=max_tokens, padding_side="right")
 
-    def __call__(self, batch: dict) -> dict:
+    def process(self, rows: list[dict]) -> list[dict]:
         from prefsel.scoring import sequences_logprobs
 
-        prompts, responses, owner = [], [], []
-        for i, (p, rs) in enumerate(zip(batch["prompt_ids"], batch["response_ids"])):
-            for r in rs:
-                prompts.append(list(p))
-                responses.append(list(r))
-                owner.append(i)
+        prompts, responses, owner = flatten_responses(rows)
         (flat,) = sequences_logprobs([self.model], prompts, responses, self.pad, self.cfg, self.device)
-        out = [[] for _ in range(len(batch["row_id"]))]
-        for i, v in zip(owner, flat):
-            out[i].append(float(v))
-        batch = dict(batch)
-        batch["ref_logps"] = np.array([np.array(v, dtype=np.float64) for v in out], dtype=object)
-        return batch
+        return [{"ref_logps": v} for v in group_by_owner(owner, flat, len(rows))]
 
 
 def to_ray_dataset(rows: list[dict]):
@@ -160,22 +161,15 @@ def to_ray_dataset(rows: list[dict]):
 
 
 def precompute_reference(ds, cfg, pad_token_id: int):
-    """ds (Ray Dataset of training rows) -> the same rows with `ref_logps`, materialized."""
-    from ray.data import ActorPoolStrategy
+    """ds (Ray Dataset of training rows) -> the same rows with `ref_logps`, materialized.
 
-    dtype = "bf16" if cfg.bf16 else "auto"
-    return ds.map_batches(
-        RefLogpActor,
-        batch_size=64,
-        batch_format="numpy",
-        compute=ActorPoolStrategy(size=cfg.ref_actors),
-        num_cpus=1 if not cfg.use_gpu else 1,
-        num_gpus=1 if cfg.use_gpu else 0,
-        fn_constructor_kwargs=dict(
-            ref_path=cfg.reference_path, pad_token_id=pad_token_id, max_tokens=cfg.ref_batch_tokens,
-            use_gpu=cfg.use_gpu, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
-        ),
-    ).materialize()
+    Rows go to a pool of `cfg.ref_actors` RefLogpActors in batches of 64 rows; the `actor`
+    column says which actor computed a row (rows per actor are in the training summary)."""
+    resources = ActorResources(num_actors=cfg.ref_actors, gpus_per_actor=1.0 if cfg.use_gpu else 0.0,
+                               cpus_per_actor=1.0, rows_per_actor_call=64)
+    kwargs = dict(ref_path=cfg.reference_path, pad_token_id=pad_token_id, max_tokens=cfg.ref_batch_tokens,
+                  dtype=cfg.reference_dtype, trust_remote_code=cfg.trust_remote_code)
+    return map_actor_pool(ds, RefLogpActor, kwargs, resources).materialize()
 
 
 def rows_from_shard(shard) -> list[dict]:

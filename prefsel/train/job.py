@@ -15,12 +15,13 @@ import json
 import os
 import shutil
 import time
+from collections import Counter
 
-from prefsel.train.config import TrainConfig
+from prefsel.train.config import TrainConfig, is_local_uri
 
 
 def _prepare_output(cfg: TrainConfig) -> None:
-    if "://" in cfg.output:
+    if not is_local_uri(cfg.output):
         return
     exists = os.path.isdir(cfg.output) and any(os.scandir(cfg.output))
     if exists and not cfg.resume:
@@ -34,12 +35,11 @@ def _prepare_output(cfg: TrainConfig) -> None:
 
 def run_train(cfg: TrainConfig) -> dict:
     """Train `cfg.task` on Ray Train; returns the summary (also written to OUTPUT/summary.json)."""
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from prefsel.models import load_tokenizer
-    from prefsel.score_job import init_ray
+    from prefsel.jobs import init_ray
     from prefsel.tokenization import PairTokenizer
     from prefsel.train.data import load_rows, precompute_reference, steps_per_epoch, to_ray_dataset
     from prefsel.train.loop import train_loop_per_worker
@@ -63,9 +63,11 @@ def run_train(cfg: TrainConfig) -> dict:
     ds = to_ray_dataset(train.rows)
     eval_ds = to_ray_dataset(evald.rows) if evald and evald.rows else None
     t_ref = 0.0
+    ref_rows_per_actor: dict = {}
     if cfg.needs_reference and cfg.ref_mode == "precompute":
         t1 = time.time()
         ds = precompute_reference(ds, cfg, tok.pad_token_id)
+        ref_rows_per_actor = {k: int(v) for k, v in Counter(ds.select_columns(["actor"]).to_pandas()["actor"]).items()}
         if eval_ds is not None:
             eval_ds = precompute_reference(eval_ds, cfg, tok.pad_token_id)
         t_ref = time.time() - t1
@@ -96,7 +98,7 @@ def run_train(cfg: TrainConfig) -> dict:
     wall = time.time() - t0
     worker = {}
     res_path = os.path.join(cfg.output, "train_result.json")
-    if "://" not in cfg.output and os.path.exists(res_path):
+    if is_local_uri(cfg.output) and os.path.exists(res_path):
         with open(res_path) as f:
             worker = json.load(f)
     final_metrics = worker.get("final_metrics") or dict(result.metrics or {})
@@ -116,6 +118,7 @@ def run_train(cfg: TrainConfig) -> dict:
         "tokens_per_s": worker.get("tokens_per_s"),
         "train_wall_s": worker.get("wall_s"),
         "reference_precompute_s": round(t_ref, 2),
+        "reference_rows_per_actor": ref_rows_per_actor,
         "wall_s": round(wall, 2),
         "final_metrics": final_metrics,
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
@@ -123,7 +126,7 @@ def run_train(cfg: TrainConfig) -> dict:
         "final_model": worker.get("final_model", cfg.output.rstrip("/") + "/final"),
         "config": cfg.to_dict(),
     }
-    if "://" not in cfg.output:
+    if is_local_uri(cfg.output):
         with open(os.path.join(cfg.output, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2, default=str)
     return summary

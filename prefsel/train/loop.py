@@ -1,4 +1,7 @@
-"""The Ray Train worker loop shared by DPO, HPS and RM training.
+"""The Ray Train worker loop shared by DPO, HPS, RM and SFT training.
+
+`train_loop_per_worker` runs on every worker, as named steps: setup_worker -> read_rows ->
+build_engine -> restore -> train_steps -> save_final.
 
 Every rank reads its Ray Data shard (the whole, unsplit dataset: see job.py), orders it by row_id
 and follows the deterministic batch plan of prefsel.train.data, so a step's global batch does not
@@ -15,11 +18,13 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from prefsel.train.config import TrainConfig
+from prefsel.train.config import TrainConfig, is_local_uri
 from prefsel.train.data import (
     epoch_order,
     global_batch,
@@ -39,13 +44,6 @@ from prefsel.train.objectives import (
     rm_objective,
     sft_objective,
 )
-
-FAIL_MARKER = "_fail_injected"
-
-
-def _is_local(uri: str) -> bool:
-    return "://" not in uri
-
 
 def build_module(cfg: TrainConfig, pad_id: int, ds_config: dict | None = None):
     """The trainable HF model, wrapped as LogpModule (dpo/hps/sft) or RewardModule (rm)."""
@@ -160,7 +158,7 @@ class Logger:
         self.jsonl = None
         if not self.on:
             return
-        if _is_local(cfg.output):
+        if is_local_uri(cfg.output):
             os.makedirs(cfg.output, exist_ok=True)
             self.jsonl = open(os.path.join(cfg.output, "metrics.jsonl"), "a")
             if cfg.use_tensorboard:
@@ -228,22 +226,172 @@ def _save_checkpoint(engine, cfg: TrainConfig, step: int, metrics: dict, rank: i
         shutil.rmtree(d, ignore_errors=True)
 
 
-def _save_final(engine, module, cfg: TrainConfig, tokenizer, rank: int) -> str | None:
-    sd = engine.full_state_dict()  # collective for ZeRO-3
-    if rank != 0:
+# ---- the worker's steps, in the order train_loop_per_worker runs them ---------------------------
+
+
+@dataclass
+class Worker:
+    """One Ray Train worker's place in the run (setup_worker)."""
+
+    cfg: TrainConfig
+    rank: int
+    world: int
+    device: torch.device
+    pad_id: int
+    steps_per_epoch: int
+    total_steps: int  # epochs x steps per epoch: the length of the LR and gamma schedules
+    last_step: int  # where this run stops: total_steps, or --max-steps
+    has_eval: bool
+
+
+def setup_worker(config: dict) -> Worker:
+    """The run's config and this worker's rank and device; CPU threads and seeds set."""
+    import ray.train
+
+    cfg = TrainConfig.from_dict(config["cfg"])
+    meta = config["meta"]
+    ctx = ray.train.get_context()
+    if cfg.use_gpu:
+        import ray.train.torch
+
+        device = ray.train.torch.get_device()
+    else:
+        device = torch.device("cpu")
+        if not cfg.local_mode:  # local mode shares the caller's process: leave its threads alone
+            torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    total = meta["total_steps"]
+    return Worker(
+        cfg=cfg, rank=ctx.get_world_rank(), world=ctx.get_world_size(), device=device,
+        pad_id=meta["pad_token_id"], steps_per_epoch=meta["steps_per_epoch"], total_steps=total,
+        last_step=min(total, cfg.max_steps) if cfg.max_steps else total, has_eval=meta["has_eval"],
+    )
+
+
+def read_rows(w: Worker) -> tuple[list[dict], list[dict]]:
+    """(train rows, eval rows): the whole sets from this worker's Ray Data shards, by row_id."""
+    import ray.train
+
+    rows = rows_from_shard(ray.train.get_dataset_shard("train"))
+    eval_rows = rows_from_shard(ray.train.get_dataset_shard("eval")) if w.has_eval else []
+    return rows, eval_rows
+
+
+def load_reference(cfg: TrainConfig, device) -> torch.nn.Module:
+    """--ref-mode online: the frozen reference, in cfg.reference_dtype (as the precompute's)."""
+    from prefsel.models import load_causal_lm
+
+    return load_causal_lm(cfg.reference_path, dtype=cfg.reference_dtype, device=str(device),
+                          trust_remote_code=cfg.trust_remote_code)
+
+
+def build_engine(w: Worker):
+    """(engine, objective): the trainable module in its --strategy engine, and the task's
+    objective (holding the online reference, if any)."""
+    from prefsel.train.strategy import deepspeed_config, make_engine
+
+    cfg = w.cfg
+    module = build_module(cfg, w.pad_id, deepspeed_config(cfg) if cfg.strategy == "deepspeed" else None)
+    ref = load_reference(cfg, w.device) if cfg.needs_reference and cfg.ref_mode == "online" else None
+    engine = make_engine(cfg, module, w.total_steps, w.device)
+    return engine, Objective(cfg, ref, w.pad_id, w.device, w.total_steps)
+
+
+def restore(engine) -> int:
+    """The step to start at: 0, or that of Ray Train's latest checkpoint, loaded into `engine`
+    (a restart after a failure, or --resume)."""
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return 0
+    with ckpt.as_directory() as d:
+        return int(engine.load(os.path.join(d, "state"))["step"])
+
+
+def train_one_step(w: Worker, engine, objective: Objective, rows: list[dict], order: np.ndarray,
+                   step: int, window: dict) -> float | None:
+    """One optimizer step: this rank's micro-batches of the step's global batch (accumulated);
+    their stats are added into `window`. Returns the grad norm."""
+    cfg = w.cfg
+    epoch, k = divmod(step, w.steps_per_epoch)
+    mbs = rank_micro_batches(global_batch(order, k, cfg.train_batch_size), w.rank, w.world,
+                             cfg.micro_train_batch_size)
+    grad_norm = None
+    for i, idx in enumerate(mbs):
+        boundary = i == len(mbs) - 1
+        batch = [rows[j] for j in idx]
+        with engine.accumulate(boundary):
+            loss, st = objective(engine, batch, step=step, epoch=epoch, train=True)
+            norm = engine.backward_step(loss, boundary)
+        if norm is not None:
+            grad_norm = norm
+        _add(window, st)
+    return grad_norm
+
+
+def train_steps(w: Worker, engine, objective: Objective, rows: list[dict], eval_rows: list[dict],
+                start: int, logger: Logger, on_step_end: Callable[[int, int], None] | None = None):
+    """Steps start .. last_step. After step s (counted from 1): metrics every --logging-steps,
+    evaluation every --eval-steps, a checkpoint every --save-steps, all three at the last step;
+    then on_step_end(s, rank) if given. Returns (the last metrics, tokens trained on)."""
+    cfg = w.cfg
+    engine.train()
+    window, t_window, tokens = _zero_stats(), time.time(), 0.0
+    metrics: dict = {"step": start}
+    order_epoch, order = -1, None
+    for step in range(start, w.last_step):
+        epoch = step // w.steps_per_epoch
+        if epoch != order_epoch:
+            order, order_epoch = epoch_order(len(rows), cfg.seed, epoch), epoch
+        grad_norm = train_one_step(w, engine, objective, rows, order, step, window)
+        done = step + 1
+        logger.advance()
+        if done % cfg.logging_steps == 0 or done == w.last_step:
+            agg = _allreduce_stats(window, w.device)
+            tokens += agg["tokens"]
+            metrics = {
+                "step": done, "epoch": done / w.steps_per_epoch, **finish_stats(agg), "lr": engine.lr,
+                "grad_norm": grad_norm if grad_norm is not None else float("nan"),
+                "tokens_per_s": agg["tokens"] / max(time.time() - t_window, 1e-9),
+            }
+            if cfg.task == "hps":
+                metrics["gamma"] = cfg.gamma_at(step, w.total_steps)
+            logger.log(done, metrics)
+            window, t_window = _zero_stats(), time.time()
+        if eval_rows and ((cfg.eval_steps and done % cfg.eval_steps == 0) or done == w.last_step):
+            ev = evaluate(engine, objective, eval_rows, cfg, w.rank, w.world, step, w.device)
+            metrics.update(ev)
+            logger.log(done, ev)
+        if (cfg.save_steps and done % cfg.save_steps == 0) or done == w.last_step:
+            _save_checkpoint(engine, cfg, done, {**metrics, "step": done}, w.rank)
+        if on_step_end is not None:
+            on_step_end(done, w.rank)
+    return metrics, tokens
+
+
+def save_final(w: Worker, engine) -> str | None:
+    """OUTPUT/final: the trained model (LoRA merged) and its tokenizer, saved by rank 0; the
+    full weights are gathered first (collective for ZeRO-3). Returns its URI on rank 0."""
+    cfg = w.cfg
+    sd = engine.full_state_dict()
+    if w.rank != 0:
         return None
-    hf = module.model
+    from prefsel.models import load_tokenizer
+
+    hf = engine.module.model
     sd = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
     if cfg.lora_rank:
         hf.load_state_dict(sd, strict=False)
         hf = hf.merge_and_unload()
         sd = hf.state_dict()
     final = cfg.output.rstrip("/") + "/final"
-    local = final if _is_local(final) else tempfile.mkdtemp(prefix="prefsel-final-")
+    local = final if is_local_uri(final) else tempfile.mkdtemp(prefix="prefsel-final-")
     os.makedirs(local, exist_ok=True)
     sd = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
     hf.save_pretrained(local, state_dict=sd, safe_serialization=True)
-    tokenizer.save_pretrained(local)
+    load_tokenizer(cfg.tokenizer_path, trust_remote_code=cfg.trust_remote_code).save_pretrained(local)
     if local != final:
         from pyarrow import fs as pafs
 
@@ -255,114 +403,36 @@ def _save_final(engine, module, cfg: TrainConfig, tokenizer, rank: int) -> str |
     return final
 
 
+def write_result(w: Worker, metrics: dict, start: int, wall: float, tokens: float, final: str | None) -> None:
+    """Rank 0, local OUTPUT: OUTPUT/train_result.json, which job.py reads into the run's summary."""
+    cfg = w.cfg
+    if w.rank != 0 or not is_local_uri(cfg.output):
+        return
+    with open(os.path.join(cfg.output, "train_result.json"), "w") as f:
+        json.dump({"final_metrics": metrics, "steps": w.last_step, "resumed_from": start,
+                   "steps_this_run": w.last_step - start, "wall_s": wall, "tokens_this_run": tokens,
+                   "tokens_per_s": tokens / wall if wall > 0 else None,
+                   "samples": (w.last_step - start) * cfg.train_batch_size, "final_model": final}, f)
+
+
 def train_loop_per_worker(config: dict) -> None:
-    import ray.train
+    """Ray Train's entry point, run by every worker.
 
-    cfg = TrainConfig.from_dict(config["cfg"])
-    meta = config["meta"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    if cfg.use_gpu:
-        import ray.train.torch
-
-        device = ray.train.torch.get_device()
-    else:
-        device = torch.device("cpu")
-        if not cfg.local_mode:  # local mode shares the caller's process: leave its threads alone
-            torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-
-    from prefsel.models import load_causal_lm, load_tokenizer
-    from prefsel.train.strategy import deepspeed_config, make_strategy
-
-    tokenizer = load_tokenizer(cfg.tokenizer_path, trust_remote_code=cfg.trust_remote_code)
-    pad_id = meta["pad_token_id"]
-    rows = rows_from_shard(ray.train.get_dataset_shard("train"))
-    eval_rows = rows_from_shard(ray.train.get_dataset_shard("eval")) if meta["has_eval"] else []
-    n, spe, total = len(rows), meta["steps_per_epoch"], meta["total_steps"]
-    last_step = min(total, cfg.max_steps) if cfg.max_steps else total
-
-    ds_cfg = deepspeed_config(cfg) if cfg.strategy == "deepspeed" else None
-    module = build_module(cfg, pad_id, ds_cfg)
-    ref = None
-    if cfg.needs_reference and cfg.ref_mode == "online":
-        ref = load_causal_lm(cfg.reference_path, dtype="bf16" if cfg.bf16 else "fp32", device=str(device),
-                             trust_remote_code=cfg.trust_remote_code)
-    engine = make_strategy(cfg, module, total, device)
-    objective = Objective(cfg, ref, pad_id, device, total)
-
-    start = 0
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            state = engine.load(os.path.join(d, "state"))
-        start = int(state["step"])
-
-    logger = Logger(cfg, rank, last_step, start)
-    engine.train()
-    window = _zero_stats()
-    t_window = time.time()
+    config: {"cfg": TrainConfig.to_dict(), "meta": {pad_token_id, steps_per_epoch, total_steps,
+    has_eval}} (job.py). Tests may add "on_step_end": a callable (step, rank) run after every
+    step's checkpoint (tests/test_train.py kills a worker with it); production runs never set it.
+    """
+    w = setup_worker(config)
+    rows, eval_rows = read_rows(w)
+    engine, objective = build_engine(w)
+    start = restore(engine)
+    logger = Logger(w.cfg, w.rank, w.last_step, start)
     t0 = time.time()
-    tokens_total = 0.0
-    metrics: dict = {"step": start}
-    order_epoch, order = -1, None
-    micro = cfg.micro_train_batch_size
-    for step in range(start, last_step):
-        epoch, k = divmod(step, spe)
-        if epoch != order_epoch:
-            order, order_epoch = epoch_order(n, cfg.seed, epoch), epoch
-        mbs = rank_micro_batches(global_batch(order, k, cfg.train_batch_size), rank, world, micro)
-        grad_norm = None
-        for i, idx in enumerate(mbs):
-            boundary = i == len(mbs) - 1
-            batch = [rows[j] for j in idx]
-            with engine.accumulate(boundary):
-                loss, st = objective(engine, batch, step=step, epoch=epoch, train=True)
-                norm = engine.backward_step(loss, boundary)
-            if norm is not None:
-                grad_norm = norm
-            _add(window, st)
-        done = step + 1
-        logger.advance()
-        log_now = done % cfg.logging_steps == 0 or done == last_step
-        eval_now = bool(eval_rows) and (
-            (cfg.eval_steps and done % cfg.eval_steps == 0) or done == last_step
-        )
-        save_now = (cfg.save_steps and done % cfg.save_steps == 0) or done == last_step
-        if log_now:
-            agg = _allreduce_stats(window, device)
-            dt = max(time.time() - t_window, 1e-9)
-            tokens_total += agg["tokens"]
-            metrics = {
-                "step": done, "epoch": done / spe, **finish_stats(agg), "lr": engine.lr,
-                "grad_norm": grad_norm if grad_norm is not None else float("nan"),
-                "tokens_per_s": agg["tokens"] / dt,
-            }
-            if cfg.task == "hps":
-                metrics["gamma"] = cfg.gamma_at(step, total)
-            logger.log(done, metrics)
-            window, t_window = _zero_stats(), time.time()
-        if eval_now:
-            ev = evaluate(engine, objective, eval_rows, cfg, rank, world, step, device)
-            metrics.update(ev)
-            logger.log(done, ev)
-        if save_now:
-            _save_checkpoint(engine, cfg, done, {**metrics, "step": done}, rank)
-        if cfg.fail_at_step is not None and done == cfg.fail_at_step and rank == 0:
-            marker = os.path.join(cfg.output, FAIL_MARKER)
-            if not os.path.exists(marker):
-                open(marker, "w").write(str(done))
-                raise RuntimeError(f"injected failure after step {done} (--fail-at-step)")
+    metrics, tokens = train_steps(w, engine, objective, rows, eval_rows, start, logger,
+                                  config.get("on_step_end"))
     wall = time.time() - t0
-    if start >= last_step and eval_rows:  # resumed a finished run: still report held-out metrics
-        metrics.update(evaluate(engine, objective, eval_rows, cfg, rank, world, last_step, device))
-    final = _save_final(engine, module, cfg, tokenizer, rank)
-    if rank == 0 and _is_local(cfg.output):
-        with open(os.path.join(cfg.output, "train_result.json"), "w") as f:
-            json.dump({"final_metrics": metrics, "steps": last_step, "resumed_from": start,
-                       "steps_this_run": last_step - start, "wall_s": wall,
-                       "tokens_this_run": tokens_total,
-                       "tokens_per_s": tokens_total / wall if wall > 0 else None,
-                       "samples": (last_step - start) * cfg.train_batch_size, "final_model": final}, f)
+    if start >= w.last_step and eval_rows:  # resumed a finished run: still report held-out metrics
+        metrics.update(evaluate(engine, objective, eval_rows, w.cfg, w.rank, w.world, w.last_step, w.device))
+    final = save_final(w, engine)
+    write_result(w, metrics, start, wall, tokens, final)
     logger.close()

@@ -1,8 +1,9 @@
 """The training objectives on one micro-batch: collation + the loss functions of prefsel.losses.
 
 Pure torch (no Ray, no DeepSpeed). Policy log-probs come from prefsel.logprobs.response_logprobs
-(THE log-prob function) through :class:`LogpModule`, so DeepSpeed / DDP wrap a module whose
-forward is exactly the scorer's computation. The formulas live in prefsel.losses only.
+(THE log-prob function) through :class:`LogpModule`, rewards from prefsel.logprobs.sequence_rewards
+through :class:`RewardModule`, so DeepSpeed / DDP wrap a module whose forward is exactly the
+scorer's (or the annotator's) computation. The formulas live in prefsel.losses only.
 
 Each objective returns (loss, stats): `loss` is the mean over the micro-batch (a scalar with
 gradient); `stats` holds SUMS (and counts) so micro-batches and ranks can be aggregated exactly:
@@ -21,7 +22,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from prefsel.logprobs import collate_sequences, position_ids_from_mask, response_logprobs, unwrap_adapters
+from prefsel.logprobs import collate_sequences, response_logprobs, sequence_rewards
 from prefsel.losses import (
     bt_loss,
     dpo_loss,
@@ -48,12 +49,11 @@ class LogpModule(torch.nn.Module):
 
 
 class RewardModule(torch.nn.Module):
-    """A sequence classifier (num_labels=1) read at the LAST REAL token of right-padded rows.
+    """forward(ids, attn) -> the sequence classifier's reward [B] (float32, differentiable).
 
-    transformers' *ForSequenceClassification pick the rightmost token != config.pad_token_id;
-    that equals ours for right padding as long as pad != eos (when a tokenizer has no pad token
-    and EOS stands in, theirs would skip the response's closing EOS). We take the position from
-    the attention mask instead, so the reward never depends on which id pads.
+    prefsel.logprobs.sequence_rewards (THE reward read, shared with `prefsel annotate`): the
+    head at each row's last real token, found from the attention mask, so the reward never
+    depends on which id pads nor on the padding side; any head name, peft unwrapped.
     """
 
     def __init__(self, model: torch.nn.Module) -> None:
@@ -61,21 +61,7 @@ class RewardModule(torch.nn.Module):
         self.model = model
 
     def forward(self, input_ids, attention_mask):
-        model = unwrap_adapters(self.model)
-        backbone = getattr(model, model.base_model_prefix)
-        head = getattr(model, "score", None)
-        out = backbone(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids_from_mask(attention_mask),
-            use_cache=False,
-        )
-        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        last = attention_mask.long().sum(-1) - 1
-        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-        if head is None:
-            raise TypeError(f"{type(self.model).__name__}: expected a sequence classifier with a `score` head")
-        return head(pooled).squeeze(-1).float()
+        return sequence_rewards(self.model, input_ids, attention_mask)
 
 
 def _stats(**kw) -> dict:

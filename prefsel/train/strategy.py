@@ -1,13 +1,8 @@
-"""Distributed strategies: the ONE DeepSpeed config builder, and DeepSpeed / DDP engines.
+"""Distributed strategies (--strategy): the ONE DeepSpeed config builder, and the two engines.
 
-Both engines expose the same small interface used by the loop:
-
-    engine(*inputs)            forward through the wrapped module
-    engine.accumulate(boundary) context for one micro-batch (DDP: no_sync off the boundary)
-    engine.backward_step(loss, boundary) -> grad norm at the boundary (after clipping's input), else None
-    engine.lr                  current learning rate
-    engine.save(dir, state) / engine.load(dir) -> state     (collective; every rank calls)
-    engine.full_state_dict()   full (gathered) weights on rank 0, for save_pretrained
+An :class:`Engine` is what the worker loop trains with: the module, its optimizer and LR
+schedule behind one small interface. `make_engine(cfg, ...)` picks :class:`DeepSpeedEngine`
+(--strategy deepspeed, ZeRO 0-3) or :class:`DDPEngine` (--strategy ddp).
 """
 
 from __future__ import annotations
@@ -15,8 +10,32 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+from typing import Protocol
 
 import torch
+
+
+class Engine(Protocol):
+    """The interface the loop uses; save / load / full_state_dict are collective (every rank calls)."""
+
+    module: torch.nn.Module  # the wrapped LogpModule / RewardModule (unwrapped from DDP / DeepSpeed)
+    lr: float  # current learning rate
+
+    def __call__(self, *inputs): ...  # forward through the wrapped module
+
+    def accumulate(self, boundary: bool): ...  # context for one micro-batch (DDP: no_sync off the boundary)
+
+    def backward_step(self, loss: torch.Tensor, boundary: bool) -> float | None: ...  # grad norm at the boundary
+
+    def train(self) -> None: ...
+
+    def eval(self) -> None: ...
+
+    def save(self, path: str, state: dict) -> None: ...  # weights, optimizer, scheduler + `state`
+
+    def load(self, path: str) -> dict: ...  # restores them; returns `state`
+
+    def full_state_dict(self) -> dict | None: ...  # full (ZeRO-3: gathered) weights on rank 0, else None
 
 
 def deepspeed_config(cfg) -> dict:
@@ -81,7 +100,28 @@ def make_optimizer(cfg, params, device: torch.device):
                              weight_decay=cfg.weight_decay, **kw)
 
 
-class DeepSpeedStrategy:
+class _EngineBase:
+    """What both engines share: the learning rate read from the optimizer, and train/eval modes
+    set on `self._modes` (the DeepSpeed engine, or the plain module)."""
+
+    optimizer: torch.optim.Optimizer
+    _modes: torch.nn.Module
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def train(self):
+        self._modes.train()
+
+    def eval(self):
+        self._modes.eval()
+
+
+class DeepSpeedEngine(_EngineBase):
+    """DeepSpeed ZeRO (stage 0-3, optional CPU offload): accumulation, clipping and scheduling
+    are DeepSpeed's, from deepspeed_config(cfg)."""
+
     def __init__(self, cfg, module: torch.nn.Module, total_steps: int, device: torch.device) -> None:
         import deepspeed
 
@@ -89,45 +129,37 @@ class DeepSpeedStrategy:
         params = [p for p in module.parameters() if p.requires_grad]
         opt = make_optimizer(cfg, params, device)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total_steps))
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+        self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=module, optimizer=opt, lr_scheduler=sched, config=deepspeed_config(cfg),
             dist_init_required=False,
         )
+        self._modes = self.ds
         self.cfg = cfg
 
     def __call__(self, *args):
-        return self.engine(*args)
+        return self.ds(*args)
 
     @property
     def module(self) -> torch.nn.Module:
-        return self.engine.module
+        return self.ds.module
 
     def accumulate(self, boundary: bool):
         return contextlib.nullcontext()
 
     def backward_step(self, loss: torch.Tensor, boundary: bool):
-        self.engine.backward(loss)
-        self.engine.step()  # DeepSpeed steps the optimizer + scheduler only at the boundary
+        self.ds.backward(loss)
+        self.ds.step()  # DeepSpeed steps the optimizer + scheduler only at the boundary
         if boundary:
-            norm = self.engine.get_global_grad_norm()
+            norm = self.ds.get_global_grad_norm()
             return float(norm) if norm is not None else float("nan")
         return None
 
-    @property
-    def lr(self) -> float:
-        return float(self.optimizer.param_groups[0]["lr"])
-
-    def train(self):
-        self.engine.train()
-
-    def eval(self):
-        self.engine.eval()
 
     def save(self, path: str, state: dict) -> None:
-        self.engine.save_checkpoint(path, tag="state", client_state=state)
+        self.ds.save_checkpoint(path, tag="state", client_state=state)
 
     def load(self, path: str) -> dict:
-        _, client = self.engine.load_checkpoint(path, tag="state", load_optimizer_states=True,
+        _, client = self.ds.load_checkpoint(path, tag="state", load_optimizer_states=True,
                                                 load_lr_scheduler_states=True)
         if client is None:
             raise RuntimeError(f"no DeepSpeed checkpoint under {path}")
@@ -138,13 +170,13 @@ class DeepSpeedStrategy:
         import torch.distributed as dist
 
         if self.cfg.zero_stage == 3:
-            sd = self.engine._zero3_consolidated_16bit_state_dict()
+            sd = self.ds._zero3_consolidated_16bit_state_dict()
         else:
-            sd = self.engine.module.state_dict()
+            sd = self.ds.module.state_dict()
         return sd if (not dist.is_initialized() or dist.get_rank() == 0) else None
 
 
-class DDPStrategy:
+class DDPEngine(_EngineBase):
     """Plain torch DistributedDataParallel with manual accumulation, clipping and scheduling."""
 
     def __init__(self, cfg, module: torch.nn.Module, total_steps: int, device: torch.device) -> None:
@@ -155,10 +187,10 @@ class DDPStrategy:
         module.to(device)
         self.distributed = dist.is_initialized() and dist.get_world_size() > 1
         if self.distributed:
-            self.engine = DDP(module, device_ids=[device.index] if device.type == "cuda" else None)
+            self.wrapped = DDP(module, device_ids=[device.index] if device.type == "cuda" else None)
         else:
-            self.engine = module
-        self._module = module
+            self.wrapped = module
+        self._module = self._modes = module
         self.params = [p for p in module.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(cfg, self.params, device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, total_steps))
@@ -167,7 +199,7 @@ class DDPStrategy:
     def __call__(self, *args):
         ctx = torch.autocast(args[0].device.type, dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
         with ctx:
-            return self.engine(*args)
+            return self.wrapped(*args)
 
     @property
     def module(self) -> torch.nn.Module:
@@ -175,7 +207,7 @@ class DDPStrategy:
 
     def accumulate(self, boundary: bool):
         if self.distributed and not boundary:
-            return self.engine.no_sync()
+            return self.wrapped.no_sync()
         return contextlib.nullcontext()
 
     def backward_step(self, loss: torch.Tensor, boundary: bool):
@@ -191,15 +223,6 @@ class DDPStrategy:
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
 
-    @property
-    def lr(self) -> float:
-        return float(self.optimizer.param_groups[0]["lr"])
-
-    def train(self):
-        self._module.train()
-
-    def eval(self):
-        self._module.eval()
 
     def save(self, path: str, state: dict) -> None:
         import torch.distributed as dist
@@ -228,7 +251,8 @@ class DDPStrategy:
         return self._module.state_dict()
 
 
-def make_strategy(cfg, module, total_steps: int, device: torch.device):
+def make_engine(cfg, module: torch.nn.Module, total_steps: int, device: torch.device) -> Engine:
+    """The --strategy's engine around `module` (total_steps: the LR schedule's length)."""
     if cfg.strategy == "deepspeed":
-        return DeepSpeedStrategy(cfg, module, total_steps, device)
-    return DDPStrategy(cfg, module, total_steps, device)
+        return DeepSpeedEngine(cfg, module, total_steps, device)
+    return DDPEngine(cfg, module, total_steps, device)
