@@ -9,62 +9,56 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 
-
-def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    g = p.add_argument_group("models")
-    g.add_argument("--policy", required=required, help="DPO policy: local folder or hub name")
-    g.add_argument("--reference", "--ref-model", dest="reference", required=required,
-                   help="reference (SFT) model: local folder or hub name")
-    g.add_argument("--tokenizer", default=None, help="tokenizer (default: the policy's)")
-    g.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
-    g.add_argument("--attn-implementation", default=None, help="sdpa, eager, flash_attention_2")
-    g.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub")
-
-
-def _add_score_args(p: argparse.ArgumentParser, data_required: bool = True) -> None:
-    g = p.add_argument_group("data")
-    g.add_argument("--data", "--dataset", dest="data", required=data_required,
-                   help="file, folder, glob, datasets save_to_disk folder, hub dataset, or s3:// URI")
-    g.add_argument("--split", default="train", help="split of a hub / save_to_disk dataset")
-    g.add_argument("--format", default=None, choices=["pairs", "conversation", "hh"],
-                   help="force the data format (default: detected)")
-    g.add_argument("--chat-template", default="auto", help="auto, none, or a Jinja template file")
-    g.add_argument("--max-length", type=int, default=None, help="max tokens of prompt + response")
-    g.add_argument("--truncation", default="reject", choices=["reject", "prompt-left"],
-                   help="over-long rows: reject them, or drop prompt tokens from the left")
-    g.add_argument("--chunk-rows", type=int, default=1024, help="rows per read chunk / output shard")
-    s = p.add_argument_group("scoring")
-    s.add_argument("--beta", type=float, default=0.1, help="implicit reward scale (paper: 0.1)")
-    s.add_argument("--num-actors", type=int, default=1, help="scoring actors (model replicas)")
-    s.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per actor; fractional allowed")
-    s.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs per actor")
-    s.add_argument("--max-tokens-per-batch", type=int, default=16384, help="padded tokens per forward")
-    s.add_argument("--padding-side", default="right", choices=["left", "right"])
-    s.add_argument("--rows-per-actor-call", type=int, default=256, help="rows handed to an actor at once")
+from prefsel.flags import (
+    add_actor_flags,
+    add_data_flags,
+    add_model_flags,
+    add_output_flags,
+    add_scoring_flags,
+    config_from_args,
+    default_of,
+    flag_error,
+)
 
 
 def score_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = p or argparse.ArgumentParser(prog="prefsel score", description="Score pairs by DPO implicit reward gap.")
-    _add_model_args(p)
-    _add_score_args(p)
-    p.add_argument("--output", required=True, help="output folder or s3:// URI")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    _score_flags(p, required=True)
+    add_output_flags(p)
     return p
+
+
+def _score_flags(p: argparse.ArgumentParser, required: bool) -> None:
+    from prefsel.score_job import ScoreJobConfig
+
+    add_model_flags(p, ScoreJobConfig, required=required)
+    add_data_flags(p, ScoreJobConfig, required=required)
+    add_scoring_flags(p, ScoreJobConfig)
+    add_actor_flags(p, ScoreJobConfig)
 
 
 def select_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = p or argparse.ArgumentParser(prog="prefsel select", description="Keep the hardest pairs.")
     p.add_argument("--scores", default=None, help="a finished `prefsel score` output")
-    _add_model_args(p, required=False)
-    _add_score_args(p, data_required=False)
+    _score_flags(p, required=False)
+    from prefsel.selection import STRATEGIES, SelectConfig
+
+    d = partial(default_of, SelectConfig)
     g = p.add_argument_group("selection")
-    g.add_argument("--ratio", type=float, default=0.1, help="fraction kept: k = floor(N * ratio)")
+    g.add_argument("--ratio", type=float, default=d("ratio"),
+                   help="fraction kept: k = floor(N' * ratio), N' = rows passing --min-gap/--max-gap")
     g.add_argument("--top-k", type=int, default=None, help="keep exactly K rows instead of a ratio")
-    g.add_argument("--strategy", default="smallest-gap",
-                   choices=["smallest-gap", "largest-gap", "random", "gap-range"])
-    g.add_argument("--gap-range", type=float, nargs=2, metavar=("LO", "HI"), default=None)
-    g.add_argument("--seed", type=int, default=0, help="seed of --strategy random")
+    g.add_argument("--strategy", default=d("strategy"), choices=list(STRATEGIES))
+    g.add_argument("--gap-range", type=float, nargs=2, metavar=("LO", "HI"), default=None,
+                   help="gap-range: keep LO <= gap <= HI")
+    g.add_argument("--band", type=float, nargs=2, metavar=("LO", "HI"), default=None,
+                   help="quantile-band: positions floor(N'*LO) .. floor(N'*HI)-1 of the (gap, row_id) order")
+    g.add_argument("--min-gap", type=float, default=None, help="filter first: only rows with gap > G (exclusive)")
+    g.add_argument("--max-gap", type=float, default=None, help="filter first: only rows with gap < G (exclusive)")
+    g.add_argument("--report-rows", type=int, default=d("report_rows"), help="suspect-labels: sample rows in suspect_report")
+    g.add_argument("--seed", type=int, default=d("seed"), help="seed of --strategy random")
     p.add_argument("--output", required=True, help="output folder or s3:// URI")
     p.add_argument("--scores-output", default=None,
                    help="where scoring writes when --data is given (default: OUTPUT-scores)")
@@ -75,16 +69,7 @@ def select_parser(p: argparse.ArgumentParser | None = None) -> argparse.Argument
 def score_config(args: argparse.Namespace, output: str | None = None):
     from prefsel.score_job import ScoreJobConfig
 
-    return ScoreJobConfig(
-        policy=args.policy, reference=args.reference, data=args.data, output=output or args.output,
-        tokenizer=args.tokenizer, format=args.format, split=args.split, chat_template=args.chat_template,
-        max_length=args.max_length, truncation=args.truncation, beta=args.beta, num_actors=args.num_actors,
-        gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor, dtype=args.dtype,
-        max_tokens_per_batch=args.max_tokens_per_batch, padding_side=args.padding_side,
-        rows_per_actor_call=args.rows_per_actor_call, chunk_rows=args.chunk_rows,
-        attn_implementation=args.attn_implementation, trust_remote_code=args.trust_remote_code,
-        overwrite=args.overwrite,
-    )
+    return config_from_args(ScoreJobConfig, args, **({"output": output} if output else {}))
 
 
 def cmd_score(args: argparse.Namespace) -> dict:
@@ -113,6 +98,8 @@ def cmd_select(args: argparse.Namespace) -> dict:
     cfg = SelectConfig(
         scores=args.scores, output=args.output, ratio=args.ratio, top_k=args.top_k, strategy=args.strategy,
         gap_range=tuple(args.gap_range) if args.gap_range else None, seed=args.seed, overwrite=args.overwrite,
+        band=tuple(args.band) if args.band else None, min_gap=args.min_gap, max_gap=args.max_gap,
+        report_rows=args.report_rows,
     )
     summary = run_select(cfg)
     print_summary("prefsel select", summary)
@@ -120,14 +107,16 @@ def cmd_select(args: argparse.Namespace) -> dict:
 
 
 def demo_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    from prefsel.demo import DemoConfig
+
+    d = partial(default_of, DemoConfig)
     p = p or argparse.ArgumentParser(prog="prefsel demo")
-    p.add_argument("--output", default="runs/demo", help="where data, models, scores, runs and results go")
-    p.add_argument("--quick", action="store_true", help="CI size: 1 seed, 200 pairs, smaller model, 10 short training runs")
+    p.add_argument("--output", default=d("output"), help="where data, models, scores, runs and results go")
+    p.add_argument("--quick", action="store_true", help="CI size: 1 seed, 200 pairs, smaller model, 14 short training runs")
     p.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="seeds of the per-method runs (default: 0 1 2; --quick: 0)")
-    p.add_argument("--ratio", type=float, default=0.1, help="fraction kept by the 10%% selections")
-    p.add_argument("--mislabeled", type=float, default=None,
-                   help="share of flipped training pairs (default 0.02)")
+    p.add_argument("--ratio", type=float, default=d("ratio"), help="fraction kept by the 10%% selections")
+    p.add_argument("--mislabeled", type=float, default=d("mislabeled"), help="share of flipped training pairs")
     p.add_argument("--overwrite", dest="overwrite", action="store_true", default=True,
                    help="replace an existing --output (the default)")
     p.add_argument("--no-overwrite", dest="overwrite", action="store_false",
@@ -201,14 +190,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         if args.command in COMMANDS:
             COMMANDS[args.command][1](args)
         else:
             _plugin(args.command).run(args)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"prefsel {args.command}: error: {e}", file=sys.stderr)
+        print(f"prefsel {args.command}: error: {flag_error(str(e), parser)}", file=sys.stderr)
         return 2
     return 0
 

@@ -1,20 +1,32 @@
-"""The log-prob computation: sum of response-token log-probabilities per sequence.
+"""The forward: a model's backbone once, then its head only where it is read.
 
-This is the one implementation shared by the batch pipeline, the HTTP endpoint and the
-trainers. It runs the model's backbone once, then applies the LM head only at response
-positions and in chunks, with log-softmax in float32 whatever dtype the model is in, so it never
-holds a [tokens x vocab] float32 tensor for the whole batch (nor logits for prompt tokens).
-Pads never enter the sum: positions come from the attention mask, and only positions marked in
-`response_mask` are gathered.
+This is the one place that knows a model's anatomy, shared by the batch pipeline, the HTTP
+endpoint, the trainers and the reward-model annotation, so they can never disagree:
+
+- `backbone_and_head` finds the backbone and the head of a causal LM (its output embedding) or
+  of a sequence classifier (`score`, `classifier`, `v_head`, ...), peft wrappers unwrapped;
+- `hidden_states` runs the backbone with positions from the attention mask, so left padding
+  does not shift them;
+- `response_logprobs` reads summed response log-probs: the LM head only at response positions
+  and in chunks, log-softmax in float32 whatever dtype the model is in, sums in float64, so it
+  never holds a [tokens x vocab] float32 tensor for the whole batch (nor logits for prompt
+  tokens). Pads never enter the sum: only positions marked in `response_mask` are gathered;
+- `sequence_rewards` reads a sequence classifier's scalar at each row's LAST REAL token, found
+  from the attention mask (transformers' own pooling looks for the last token that is not
+  `pad_token_id`; when pad == EOS and a sequence ends with EOS, that is the token before it).
+
+Collation (`collate_sequences`) and the token-budget batch plan (`plan_token_batches`,
+`map_token_batches`) live here too: every caller batches sequences the same way.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
-DEFAULT_CHUNK_TOKENS = 1024
+DEFAULT_CHUNK_TOKENS = 1024  # LM-head rows per float32 logits chunk
+DEFAULT_MAX_TOKENS_PER_BATCH = 16384  # padded tokens per forward (rows x longest)
 
 
 def unwrap_adapters(model: torch.nn.Module) -> torch.nn.Module:
@@ -24,15 +36,37 @@ def unwrap_adapters(model: torch.nn.Module) -> torch.nn.Module:
     return get_base() if callable(get_base) else model
 
 
-def _backbone_and_head(model):
+REWARD_HEADS = ("score", "classifier", "v_head", "value_head")
+
+
+def backbone_and_head(model: torch.nn.Module, kind: str = "lm") -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(backbone, head) of a causal LM (`kind="lm"`: the output embedding) or of a sequence
+    classifier (`kind="reward"`: the first of REWARD_HEADS it has). Raises TypeError otherwise."""
     model = unwrap_adapters(model)
-    head = model.get_output_embeddings()
     backbone = getattr(model, getattr(model, "base_model_prefix", "model"), None)
+    if kind == "lm":
+        head = model.get_output_embeddings()
+        what = "a causal LM with a backbone and an output embedding"
+    elif kind == "reward":
+        head = next((h for h in (getattr(model, n, None) for n in REWARD_HEADS) if isinstance(h, torch.nn.Module)),
+                    None)
+        what = f"a sequence classifier with a backbone and a head named one of {REWARD_HEADS}"
+    else:
+        raise ValueError(f"kind must be 'lm' or 'reward', got {kind!r}")
     if head is None or backbone is None or backbone is model:
-        raise TypeError(
-            f"{type(model).__name__}: expected a causal LM with a backbone and an output embedding"
-        )
+        raise TypeError(f"{type(model).__name__}: expected {what}")
     return backbone, head
+
+
+def hidden_states(backbone: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, T, H] last hidden states, positions counted over real tokens only."""
+    out = backbone(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+    )
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
 def _postprocess_logits(model, logits: torch.Tensor) -> torch.Tensor:
@@ -72,14 +106,8 @@ def response_logprobs(
     """
     if input_ids.shape != attention_mask.shape or input_ids.shape != response_mask.shape:
         raise ValueError("input_ids, attention_mask and response_mask must have the same shape")
-    backbone, head = _backbone_and_head(model)
-    out = backbone(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        use_cache=False,
-    )
-    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    backbone, head = backbone_and_head(model, "lm")
+    hidden = hidden_states(backbone, input_ids, attention_mask)
     # Token t is predicted from the hidden state at t-1.
     target_mask = (response_mask[:, 1:] & attention_mask[:, 1:].bool())
     rows, cols = target_mask.nonzero(as_tuple=True)
@@ -95,6 +123,18 @@ def response_logprobs(
     if token_logps:
         sums = sums.index_add(0, rows, torch.cat(token_logps).to(sum_dtype))
     return sums
+
+
+def sequence_rewards(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B] float32 reward of each row: the classifier head at the row's last real token.
+
+    Any padding side; gradients flow through it for reward-model training.
+    """
+    backbone, head = backbone_and_head(model, "reward")
+    hidden = hidden_states(backbone, input_ids, attention_mask)
+    last = attention_mask.shape[1] - 1 - attention_mask.flip(-1).long().argmax(-1)
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+    return head(hidden[rows, last]).float()[:, 0]
 
 
 def collate_sequences(
@@ -145,3 +185,30 @@ def plan_token_batches(
     if cur:
         batches.append(cur)
     return batches
+
+
+def map_token_batches(
+    fns: Sequence[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]],
+    prompts: Sequence[Sequence[int]],
+    responses: Sequence[Sequence[int]],
+    pad_token_id: int,
+    *,
+    max_tokens: int,
+    max_batch_size: int | None = None,
+    padding_side: str = "right",
+    device: torch.device | str | None = None,
+) -> list[list[float]]:
+    """Apply each `fn(input_ids, attention_mask, response_mask) -> [B]` to every
+    (prompt, response) sequence, batched by `plan_token_batches`; one list of floats per fn, in
+    input order. Every fn forwards the same batches (policy and reference see identical tensors).
+    """
+    lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
+    out = [[0.0] * len(lengths) for _ in fns]
+    for batch in plan_token_batches(lengths, max_tokens, max_batch_size):
+        ids, attn, resp = collate_sequences(
+            [prompts[i] for i in batch], [responses[i] for i in batch], pad_token_id, padding_side, device
+        )
+        for m, fn in enumerate(fns):
+            for j, v in zip(batch, fn(ids, attn, resp).tolist()):
+                out[m][j] = float(v)
+    return out

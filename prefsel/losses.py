@@ -34,6 +34,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from prefsel.gap import DEFAULT_BETA
+
 __all__ = [
     "DPO_LOSS_TYPES",
     "DPOOutput",
@@ -154,7 +156,7 @@ def dpo_loss(
     ref_chosen_logps: torch.Tensor,
     ref_rejected_logps: torch.Tensor,
     *,
-    beta: float = 0.1,
+    beta: float = DEFAULT_BETA,
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
 ) -> DPOOutput:

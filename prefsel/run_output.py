@@ -30,14 +30,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
+from prefsel.prepare import dumps
 from prefsel.sources import filesystem_for
 
 MANIFEST = "manifest.json"
 SUMMARY = "summary.json"
-
-
-def _is_local(fs: pafs.FileSystem) -> bool:
-    return isinstance(fs, pafs.LocalFileSystem)
 
 
 def write_text(fs: pafs.FileSystem, path: str, text: str) -> None:
@@ -57,6 +54,20 @@ def exists(fs: pafs.FileSystem, path: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
+def fingerprint_diff(old: dict, new: dict) -> str:
+    """What differs between two fingerprints, in words: changed input files first."""
+    old_data, new_data = old.get("data"), new.get("data")
+    if isinstance(old_data, dict) and isinstance(new_data, dict):
+        changed = [f for f in new_data if f in old_data and old_data[f] != new_data[f]]
+        if changed:
+            return "input file changed since the unfinished run: " + ", ".join(
+                f"{f} ({old_data[f]} -> {new_data[f]})" for f in changed[:3])
+        if set(old_data) != set(new_data):
+            return f"input files differ: {sorted(set(old_data) ^ set(new_data))[:5]}"
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    return "differs in: " + ", ".join(keys)
+
+
 class RunOutput:
     """Shards, manifest and completion of one output folder (local path or s3:// / gs:// URI)."""
 
@@ -71,7 +82,7 @@ class RunOutput:
     ) -> None:
         self.uri = output.rstrip("/")
         self.fs, self.final = filesystem_for(self.uri)
-        self.local = _is_local(self.fs)
+        self.local = isinstance(self.fs, pafs.LocalFileSystem)  # rename is atomic only there
         self.dir = f"{self.final}.partial" if self.local else self.final
         self.fingerprint = fingerprint
         self.kind = kind
@@ -87,7 +98,8 @@ class RunOutput:
             old = read_json(self.fs, manifest)
             if old.get("fingerprint") != fingerprint and not overwrite:
                 raise FileExistsError(
-                    f"{self.uri} holds an unfinished run of a different input, model or setting; "
+                    f"{self.uri} holds an unfinished run of a different input, model or setting "
+                    f"({fingerprint_diff(old.get('fingerprint') or {}, fingerprint)}); "
                     "pass --overwrite to discard it, or choose another --output"
                 )
             if old.get("fingerprint") != fingerprint:
@@ -120,7 +132,7 @@ class RunOutput:
         """Rejects first, then the shard: a shard that exists means its chunk is complete."""
         rpath = self.rejects_path(chunk_id)
         if rejects:
-            write_text(self.fs, rpath, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects))
+            write_text(self.fs, rpath, "".join(dumps(r) + "\n" for r in rejects))
         elif exists(self.fs, rpath):
             self.fs.delete_file(rpath)
         path = self.shard_path(chunk_id)

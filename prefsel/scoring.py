@@ -11,16 +11,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
 from prefsel.gap import DEFAULT_BETA, reward_gap
-from prefsel.logprobs import (
-    DEFAULT_CHUNK_TOKENS,
-    collate_sequences,
-    plan_token_batches,
-    response_logprobs,
-)
+from prefsel.logprobs import DEFAULT_CHUNK_TOKENS, DEFAULT_MAX_TOKENS_PER_BATCH, map_token_batches, response_logprobs
 from prefsel.tokenization import TokenizedExample
 
 SCORE_COLUMNS = (
@@ -42,18 +38,18 @@ class ScoreConfig:
     """How pairs are scored. Defaults follow the selection paper (beta 0.1)."""
 
     beta: float = DEFAULT_BETA
-    max_tokens_per_batch: int = 16384
+    max_tokens_per_batch: int = DEFAULT_MAX_TOKENS_PER_BATCH
     max_batch_size: int | None = None
     padding_side: str = "right"
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS
 
     def __post_init__(self) -> None:
         if not (self.beta > 0 and math.isfinite(self.beta)):
-            raise ValueError(f"beta must be a positive number, got {self.beta}")
+            raise ValueError(f"beta: must be a positive number, got {self.beta}")
         if self.max_tokens_per_batch < 1:
-            raise ValueError("max_tokens_per_batch must be positive")
+            raise ValueError("max_tokens_per_batch: must be positive")
         if self.padding_side not in ("left", "right"):
-            raise ValueError("padding_side must be 'left' or 'right'")
+            raise ValueError("padding_side: must be 'left' or 'right'")
 
 
 @torch.inference_mode()
@@ -69,21 +65,31 @@ def sequences_logprobs(
 
     Every model forwards the same token-budget batch. Returns one list of floats per model.
     """
-    lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
-    out = [[0.0] * len(lengths) for _ in models]
-    for batch in plan_token_batches(lengths, config.max_tokens_per_batch, config.max_batch_size):
-        ids, attn, resp = collate_sequences(
-            [prompts[i] for i in batch],
-            [responses[i] for i in batch],
-            pad_token_id,
-            config.padding_side,
-            device,
-        )
-        for m, model in enumerate(models):
-            lp = response_logprobs(model, ids, attn, resp, chunk_tokens=config.chunk_tokens)
-            for j, v in zip(batch, lp.tolist()):
-                out[m][j] = v
-    return out
+    fns = [partial(response_logprobs, m, chunk_tokens=config.chunk_tokens) for m in models]
+    return map_token_batches(fns, prompts, responses, pad_token_id, max_tokens=config.max_tokens_per_batch,
+                             max_batch_size=config.max_batch_size, padding_side=config.padding_side, device=device)
+
+
+# (chosen_logp, rejected_logp, chosen_ref_logp, rejected_ref_logp) of one pair
+PairLogprobs = tuple[float, float, float, float]
+
+
+def score_columns(pair: TokenizedExample, logps: PairLogprobs, beta: float) -> dict:
+    """The SCORE_COLUMNS dict of one pair from its four summed log-probs: the one place it is built."""
+    chosen, rejected, chosen_ref, rejected_ref = logps
+    cr, rr, gap = reward_gap(chosen, rejected, chosen_ref, rejected_ref, beta)
+    return {
+        "chosen_logp": chosen,
+        "rejected_logp": rejected,
+        "chosen_ref_logp": chosen_ref,
+        "rejected_ref_logp": rejected_ref,
+        "chosen_reward": cr,
+        "rejected_reward": rr,
+        "gap": gap,
+        "chosen_tokens": len(pair.chosen_ids),
+        "rejected_tokens": len(pair.rejected_ids),
+        "prompt_tokens": len(pair.prompt_ids),
+    }
 
 
 class PairScorer:
@@ -103,34 +109,24 @@ class PairScorer:
         self.config = config or ScoreConfig()
         self.device = device
 
-    def score(self, pairs: Sequence[TokenizedExample], beta: float | None = None) -> list[dict]:
-        """One dict of SCORE_COLUMNS per pair, in input order."""
-        beta = self.config.beta if beta is None else beta
+    def logprobs(self, pairs: Sequence[TokenizedExample]) -> list[PairLogprobs]:
+        """(chosen_logp, rejected_logp, chosen_ref_logp, rejected_ref_logp) per pair, in input order.
+
+        Independent of beta: callers holding pairs with different betas (the Serve endpoint's
+        merged requests) compute these once and build each pair's columns with `score_columns`.
+        """
+        if not pairs:
+            return []
         prompts, responses = [], []
         for p in pairs:
             prompts += [p.prompt_ids, p.prompt_ids]
             responses += [p.chosen_ids, p.rejected_ids]
-        if not pairs:
-            return []
         pol, ref = sequences_logprobs(
             [self.policy, self.reference], prompts, responses, self.pad_token_id, self.config, self.device
         )
-        results = []
-        for k, p in enumerate(pairs):
-            c, r = 2 * k, 2 * k + 1
-            cr, rr, gap = reward_gap(pol[c], pol[r], ref[c], ref[r], beta)
-            results.append(
-                {
-                    "chosen_logp": pol[c],
-                    "rejected_logp": pol[r],
-                    "chosen_ref_logp": ref[c],
-                    "rejected_ref_logp": ref[r],
-                    "chosen_reward": cr,
-                    "rejected_reward": rr,
-                    "gap": gap,
-                    "chosen_tokens": len(p.chosen_ids),
-                    "rejected_tokens": len(p.rejected_ids),
-                    "prompt_tokens": len(p.prompt_ids),
-                }
-            )
-        return results
+        return [(pol[2 * k], pol[2 * k + 1], ref[2 * k], ref[2 * k + 1]) for k in range(len(pairs))]
+
+    def score(self, pairs: Sequence[TokenizedExample], beta: float | None = None) -> list[dict]:
+        """One dict of SCORE_COLUMNS per pair, in input order."""
+        beta = self.config.beta if beta is None else beta
+        return [score_columns(p, lp, beta) for p, lp in zip(pairs, self.logprobs(pairs))]

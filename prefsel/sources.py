@@ -15,6 +15,7 @@ import fnmatch
 import json
 import os
 import posixpath
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,20 +34,102 @@ class Chunk:
     """A contiguous run of input rows: ids [row_start, row_start + num_rows)."""
 
     chunk_id: int
-    kind: str  # jsonl | json | parquet | hf_disk | table
+    kind: str  # jsonl | json | parquet | hf_disk | table | rows
     path: str
     row_start: int
     num_rows: int
-    offset: int = 0  # byte offset (jsonl) or row index within the file
-    payload: Any = field(default=None, compare=False)  # an Arrow table slice for `table`
+    offset: int = 0  # first byte (jsonl, json) or row index within the file (parquet, hf_disk)
+    length: int = 0  # json: bytes from `offset` to the end of the chunk's last element
+    group: int = -1  # parquet: the row group holding the chunk (chunks never cross groups)
+    payload: Any = field(default=None, compare=False)  # `table`: an Arrow table slice; `rows`: dicts
 
 
 @dataclass
 class RawRow:
     row_id: int
     record: dict | None
-    raw: str | None = None  # the text of a line that failed to parse
+    raw: str | None = None  # the text of a line that failed to parse (always valid Unicode)
     error: str | None = None
+
+    def reject_text(self) -> str:
+        """JSON text standing for an unreadable row (record None): its line as a JSON string,
+        or `null`. Always JSON, so a reader that decodes it neither fails, nor recurses, nor gets
+        lone surrogates back (the raw line of a too-deep row is itself too deep to decode)."""
+        return "null" if self.raw is None else json.dumps(self.raw)
+
+
+# A row nested deeper than this is rejected when read: deeper values crash JSON decoding, Arrow
+# and the tokenizer at some depth that depends on the stack, so the limit is fixed and low
+# (chat messages with tool calls nest about 6 levels).
+MAX_JSON_DEPTH = 100
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+_JSON_TYPE = {list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
+
+
+def _escape_surrogates(s: str) -> str:
+    """`s` with each lone surrogate written as the text \\udXXX (so it can be encoded)."""
+    return s.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _lone_surrogate(s: str) -> str | None:
+    """The first lone surrogate in `s` (decoded JSON pairs them into one code point), or None.
+    Only surrogates make UTF-8 encoding fail; encoding is the fastest check (C, no regex)."""
+    if s.isascii():
+        return None
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return s[e.start]
+    return None
+
+
+def not_object_reason(value: Any) -> str:
+    """The reason for a row that is valid JSON but not an object."""
+    if value is None:
+        return "row: is null, expected a JSON object"
+    return f"row: is a JSON {_JSON_TYPE.get(type(value), type(value).__name__)}, expected an object"
+
+
+def _where(path: str) -> str:
+    return f"field '{_escape_surrogates(path)}'" if path else "row"
+
+
+def value_problem(record: dict, int64_fields: Any = None) -> str | None:
+    """Why a decoded row cannot be used whatever its format, else None: nested deeper than
+    MAX_JSON_DEPTH, a lone surrogate in a string or a key (JSON "\\ud800" escapes decode to
+    text that is not valid Unicode: it cannot be encoded, tokenized or stored), or, in the
+    top-level fields named in `int64_fields` (a container of names, or True for all), an integer
+    outside the 64-bit range. The reason names the field. Iterative: never recurses."""
+    stack: list[tuple[Any, str, int, bool, str]] = [(record, "", 1, False, "")]
+    while stack:
+        v, path, depth, ints, top = stack.pop()
+        if isinstance(v, str):
+            bad = _lone_surrogate(v)
+            if bad:
+                return f"{_where(path)}: lone surrogate \\u{ord(bad):04x} (not valid Unicode)"
+        elif isinstance(v, int) and not isinstance(v, bool):
+            if ints and not INT64_MIN <= v <= INT64_MAX:
+                return f"{_where(path)}: integer {v} is out of the 64-bit range"
+        elif isinstance(v, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                return f"{_where(top)}: JSON nested too deeply (more than {MAX_JSON_DEPTH} levels)"
+            if isinstance(v, dict):
+                items = []
+                for k, x in v.items():
+                    name = str(k)
+                    bad = _lone_surrogate(name)
+                    if bad:
+                        return (f"field '{_escape_surrogates(f'{path}.{name}' if depth > 1 else name)}': lone "
+                                f"surrogate \\u{ord(bad):04x} in the field name (not valid Unicode)")
+                    if depth > 1:
+                        items.append((x, f"{path}.{name}", depth + 1, ints, top))
+                    else:  # a top-level field
+                        own = int64_fields is True or (bool(int64_fields) and k in int64_fields)
+                        items.append((x, name, depth + 1, own, name))
+            else:
+                items = [(x, f"{path}[{i}]", depth + 1, ints, top) for i, x in enumerate(v)]
+            stack.extend(reversed(items))  # the first problem in reading order is reported
+    return None
 
 
 @dataclass
@@ -59,11 +142,6 @@ class SourcePlan:
     @property
     def num_rows(self) -> int:
         return sum(c.num_rows for c in self.chunks)
-
-    @property
-    def output_format(self) -> str:
-        """The file format selections are written in: the input's own."""
-        return "jsonl" if self.kind in ("jsonl", "json") else "parquet"
 
 
 def absolute_local(path: str | None, *, output: bool = False) -> str | None:
@@ -111,8 +189,10 @@ def _kind_of(path: str) -> str | None:
 
 
 def _is_hf_disk(fs: pafs.FileSystem, path: str) -> bool:
-    info = fs.get_file_info([f"{path}/state.json", f"{path}/dataset_info.json"])
-    return all(i.type == pafs.FileType.File for i in info)
+    """A `datasets` save_to_disk folder: a Dataset (state.json + dataset_info.json) or a
+    DatasetDict (dataset_dict.json, one subfolder per split; pick one with --split)."""
+    info = fs.get_file_info([f"{path}/state.json", f"{path}/dataset_info.json", f"{path}/dataset_dict.json"])
+    return all(i.type == pafs.FileType.File for i in info[:2]) or info[2].type == pafs.FileType.File
 
 
 def _prefsel_manifest(fs: pafs.FileSystem, path: str) -> dict | None:
@@ -203,7 +283,10 @@ def plan_source(data: str, chunk_rows: int = DEFAULT_CHUNK_ROWS, split: str = "t
             raise ValueError(f"--data: {data!r} is an unfinished prefsel run; rerun it to finish")
         # A name whose first folder exists here is a local path with a typo, not a hub dataset.
         local_root = "://" not in data and os.path.isdir(data.split("/")[0] or "/")
-        if "://" in data or local_root or not _looks_like_hub_name(data):
+        # So is a name with a data file's extension or a path's start (a typo, never a hub name).
+        exts = (*JSONL_EXT, *JSON_EXT, *PARQUET_EXT, ".csv", ".tsv", ".txt", ".arrow", ".gz", ".zst")
+        looks_local = data.lower().endswith(exts) or data.startswith(("./", "../", "~", "/"))
+        if "://" in data or local_root or looks_local or not _looks_like_hub_name(data):
             raise FileNotFoundError(f"--data: {data!r} does not exist")
         return _plan_hub(data, split, chunk_rows)
     if how == "hf_disk":
@@ -277,34 +360,67 @@ def _iter_lines(f, block: int = 1 << 20):
         yield buf
 
 
-def _load_json_array(fs, path, uri) -> list:
-    with fs.open_input_stream(path, compression="detect") as f:
-        data = json.loads(f.read())
-    if isinstance(data, dict) and all(isinstance(v, list) for v in data.values()) and data:
-        n = len(next(iter(data.values())))
-        data = [{k: v[i] for k, v in data.items()} for i in range(n)]  # column-oriented JSON
-    if not isinstance(data, list):
-        raise ValueError(f"--data: {uri} must hold a JSON array of objects (or use JSON lines)")
-    return data
-
-
 def _plan_json(fs, path, uri, row_start, chunk_rows, first_id) -> list[Chunk]:
-    n = len(_load_json_array(fs, path, uri))
-    return [
-        Chunk(first_id + i, "json", uri, row_start + s, min(chunk_rows, n - s), s)
-        for i, s in enumerate(range(0, n, chunk_rows))
-    ]
+    """Parse the file once: each chunk records the byte range of its elements, so a chunk's
+    reader decodes only its own rows (a JSON array is never parsed again per chunk).
+    A column-oriented object ({field: [values]}) becomes in-memory row chunks."""
+    with fs.open_input_stream(path) as f:
+        raw = f.read()
+    text = raw.decode("utf-8-sig")
+    bom = len(raw) - len(text.encode("utf-8"))
+    decoder = json.JSONDecoder()
+    i = _skip_ws(text, 0)
+    if text.startswith("{", i):
+        data = json.loads(text)
+        if isinstance(data, dict) and data and all(isinstance(v, list) for v in data.values()):
+            n = len(next(iter(data.values())))
+            rows = [{k: v[j] if j < len(v) else None for k, v in data.items()} for j in range(n)]
+            return [Chunk(first_id + c, "rows", uri, row_start + s, len(rows[s:s + chunk_rows]), s,
+                          payload=rows[s:s + chunk_rows]) for c, s in enumerate(range(0, n, chunk_rows))]
+    if not text.startswith("[", i):
+        raise ValueError(f"--data: {uri} must hold a JSON array of objects (or use JSON lines)")
+    spans: list[tuple[int, int]] = []  # (start, end) character offsets of each element
+    i = _skip_ws(text, i + 1)
+    while not text.startswith("]", i):
+        try:
+            _, end = decoder.raw_decode(text, i)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--data: {uri} is not valid JSON: {e}") from None
+        spans.append((i, end))
+        i = _skip_ws(text, end)
+        if text.startswith(",", i):
+            i = _skip_ws(text, i + 1)
+        elif not text.startswith("]", i):
+            raise ValueError(f"--data: {uri} is not valid JSON: expected ',' or ']' at character {i}")
+    chunks, byte_pos, char_pos = [], bom, 0
+    for c, s in enumerate(range(0, len(spans), chunk_rows)):
+        group = spans[s : s + chunk_rows]
+        byte_pos += len(text[char_pos : group[0][0]].encode("utf-8"))
+        start = byte_pos
+        byte_pos += len(text[group[0][0] : group[-1][1]].encode("utf-8"))
+        char_pos = group[-1][1]
+        chunks.append(Chunk(first_id + c, "json", uri, row_start + s, len(group), start, byte_pos - start))
+    return chunks
+
+
+def _skip_ws(text: str, i: int) -> int:
+    while i < len(text) and text[i] in " \t\r\n":
+        i += 1
+    return i
 
 
 def _plan_parquet(fs, path, uri, row_start, chunk_rows, first_id):
+    """Chunks within row groups (never across): a reader decodes one row group for all of its chunks."""
     with fs.open_input_file(path) as f:
-        md = pq.ParquetFile(f).metadata
-        schema = pq.ParquetFile(f).schema_arrow
-    n = md.num_rows
-    chunks = [
-        Chunk(first_id + i, "parquet", uri, row_start + s, min(chunk_rows, n - s), s)
-        for i, s in enumerate(range(0, n, chunk_rows))
-    ]
+        pf = pq.ParquetFile(f)
+        md, schema = pf.metadata, pf.schema_arrow
+    chunks, pos = [], 0
+    for g in range(md.num_row_groups):
+        size = md.row_group(g).num_rows
+        for s in range(0, size, chunk_rows):
+            n = min(chunk_rows, size - s)
+            chunks.append(Chunk(first_id + len(chunks), "parquet", uri, row_start + pos + s, n, pos + s, group=g))
+        pos += size
     return chunks, schema
 
 
@@ -337,20 +453,48 @@ def _plan_hub(name: str, split: str, chunk_rows: int) -> SourcePlan:
     return SourcePlan(chunks, "hf_hub", [name], table.schema)
 
 
+def read_units(chunks: list[Chunk]) -> list[list[Chunk]]:
+    """Group chunks into read units: the chunks of one Parquet row group are read together
+    (the group is decoded once); every other chunk is a unit of its own."""
+    units: list[list[Chunk]] = []
+    for c in sorted(chunks, key=lambda c: c.chunk_id):
+        prev = units[-1][-1] if units else None
+        if c.kind == "parquet" and prev is not None and (prev.kind, prev.path, prev.group) == (c.kind, c.path, c.group):
+            units[-1].append(c)
+        else:
+            units.append([c])
+    return units
+
+
+def read_unit(unit: list[Chunk]) -> Iterator[tuple[Chunk, list[RawRow]]]:
+    """(chunk, its rows) for each chunk of a read unit, reading the unit's data once."""
+    if unit[0].kind == "parquet":
+        first = unit[0]
+        fs, path = filesystem_for(first.path)
+        with fs.open_input_file(path) as f:
+            pf = pq.ParquetFile(f)
+            base = sum(pf.metadata.row_group(g).num_rows for g in range(first.group))  # file row of the group
+            table = pf.read_row_group(first.group)
+        for c in unit:
+            rows = table.slice(c.offset - base, c.num_rows).to_pylist()
+            yield c, [RawRow(c.row_start + i, r) for i, r in enumerate(rows)]
+        return
+    for c in unit:
+        yield c, read_chunk(c)
+
+
 def read_chunk(chunk: Chunk) -> list[RawRow]:
     """The rows of one chunk, each with its row_id; unparsable lines come back with an error."""
     if chunk.kind == "jsonl":
         return _read_jsonl(chunk)
     if chunk.kind == "json":
         fs, path = filesystem_for(chunk.path)
-        data = _load_json_array(fs, path, chunk.path)[chunk.offset : chunk.offset + chunk.num_rows]
+        with fs.open_input_file(path) as f:
+            text = f.read_at(chunk.length, chunk.offset).decode("utf-8")
+        data = json.loads("[" + text + "]")
         return [RawRow(chunk.row_start + i, r) for i, r in enumerate(data)]
     if chunk.kind == "parquet":
-        fs, path = filesystem_for(chunk.path)
-        with fs.open_input_file(path) as f:
-            pf = pq.ParquetFile(f)
-            table = _read_parquet_rows(pf, chunk.offset, chunk.num_rows)
-        return [RawRow(chunk.row_start + i, r) for i, r in enumerate(table.to_pylist())]
+        return next(read_unit([chunk]))[1]
     if chunk.kind == "hf_disk":
         import datasets
 
@@ -362,20 +506,9 @@ def read_chunk(chunk: Chunk) -> list[RawRow]:
         return [RawRow(chunk.row_start + i, r) for i, r in enumerate(rows)]
     if chunk.kind == "table":
         return [RawRow(chunk.row_start + i, r) for i, r in enumerate(chunk.payload.to_pylist())]
+    if chunk.kind == "rows":
+        return [RawRow(chunk.row_start + i, r) for i, r in enumerate(chunk.payload)]
     raise ValueError(f"unknown chunk kind {chunk.kind!r}")
-
-
-def _read_parquet_rows(pf: pq.ParquetFile, start: int, n: int) -> pa.Table:
-    groups, first, pos = [], None, 0
-    for g in range(pf.metadata.num_row_groups):
-        size = pf.metadata.row_group(g).num_rows
-        if pos + size > start and pos < start + n:
-            groups.append(g)
-            if first is None:
-                first = pos
-        pos += size
-    table = pf.read_row_groups(groups)
-    return table.slice(start - (first or 0), n)
 
 
 def _read_jsonl(chunk: Chunk) -> list[RawRow]:
@@ -384,18 +517,48 @@ def _read_jsonl(chunk: Chunk) -> list[RawRow]:
     with fs.open_input_stream(path, compression="detect") as f:
         if chunk.offset:
             _skip_bytes(f, chunk.offset)
+        first = chunk.offset == 0  # the file's first line: may start with a byte-order mark
         for line in _iter_lines(f):
             if len(rows) == chunk.num_rows:
                 break
             if not line.strip():
                 continue
             rid = chunk.row_start + len(rows)
-            text = line.decode("utf-8", errors="replace").rstrip("\r\n")
-            try:
-                rows.append(RawRow(rid, json.loads(text)))
-            except json.JSONDecodeError as e:
-                rows.append(RawRow(rid, None, raw=text, error=f"row: invalid JSON: {e}"))
+            rows.append(_parse_line(rid, line, bom=first and line.startswith(_BOM)))
+            first = False
     return rows
+
+
+_BOM = b"\xef\xbb\xbf"
+
+
+def _parse_line(rid: int, line: bytes, bom: bool = False) -> RawRow:
+    """One JSON line as a row, or a RawRow with the reason it cannot be one. Never raises for
+    bad input: invalid UTF-8, JSON that does not parse or nests too deeply, a line that is not
+    an object, lone surrogates. A UTF-8 byte-order mark (the file's first line only) is skipped."""
+    skip = len(_BOM) if bom else 0
+    try:
+        text = line[skip:].decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError as e:
+        raw = line[skip:].decode("utf-8", errors="backslashreplace").rstrip("\r\n")
+        return RawRow(rid, None, raw=raw, error=f"row: invalid UTF-8 at byte {e.start + skip} of the line")
+    if bom and not text.strip():
+        return RawRow(rid, None, raw=text, error="row: empty (the line holds only a UTF-8 byte-order mark)")
+    try:
+        obj = json.loads(text)
+    except RecursionError:
+        return RawRow(rid, None, raw=text, error=f"row: JSON nested too deeply (more than {MAX_JSON_DEPTH} levels)")
+    except ValueError as e:  # JSONDecodeError, or an integer of more than 4300 digits
+        return RawRow(rid, None, raw=text, error=f"row: invalid JSON: {e}")
+    if not isinstance(obj, dict):
+        return RawRow(rid, None, raw=text, error=not_object_reason(obj))
+    # Lone surrogates can only come from \u escapes (the text was strictly decoded), and depth
+    # needs brackets: most lines skip the walk.
+    if "\\u" in text or text.count("[") + text.count("{") > MAX_JSON_DEPTH:
+        problem = value_problem(obj)
+        if problem:
+            return RawRow(rid, None, raw=text, error=problem)
+    return RawRow(rid, obj)
 
 
 def _skip_bytes(f, n: int) -> None:
@@ -408,11 +571,20 @@ def _skip_bytes(f, n: int) -> None:
 
 
 def sample_records(plan: SourcePlan, n: int = 256) -> list[dict]:
-    """The first `n` parsable rows, for format detection and schema inference."""
+    """The first `n` usable rows, for format detection and schema inference.
+
+    Rows that could not be read, or whose values no format accepts (lone surrogates, too deep,
+    integers beyond 64 bits), are skipped here: they are rejected, by name, when prepared.
+    An input without any row is an error that names it.
+    """
+    if plan.num_rows == 0:
+        files = plan.files or ["the input"]
+        what = files[0] if len(files) == 1 else f"{files[0]} (and {len(files) - 1} more files)"
+        raise ValueError(f"--data: {what} is empty (no rows)")
     out: list[dict] = []
     for chunk in plan.chunks:
         for r in read_chunk(chunk):
-            if isinstance(r.record, dict):
+            if isinstance(r.record, dict) and value_problem(r.record, int64_fields=True) is None:
                 out.append(r.record)
                 if len(out) >= n:
                     return out

@@ -96,9 +96,12 @@ def build_tiny_llama(
     bos_token_id: int | None = None,
     eos_token_id: int | None = None,
     pad_token_id: int | None = None,
+    num_labels: int | None = None,
+    init_std: float = 0.2,
 ):
-    """A randomly initialised Llama-architecture causal LM, deterministic for a seed."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """A randomly initialised Llama-architecture causal LM, deterministic for a seed (with
+    `num_labels`: a sequence classifier with that many outputs, e.g. 1 for a reward model)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
     cfg = LlamaConfig(
         vocab_size=vocab_size,
@@ -112,15 +115,16 @@ def build_tiny_llama(
         eos_token_id=eos_token_id,
         pad_token_id=pad_token_id,
         tie_word_embeddings=False,
+        **({"num_labels": num_labels} if num_labels is not None else {}),
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg)
+    model = LlamaForCausalLM(cfg) if num_labels is None else LlamaForSequenceClassification(cfg)
     # Default init (std 0.02) gives near-uniform predictions; a larger scale gives the models
     # opinions, so gaps spread out and tests can tell scores apart.
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() > 1:
-                p.normal_(0.0, 0.2)
+                p.normal_(0.0, init_std)
     return model.eval()
 
 

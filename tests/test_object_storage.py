@@ -170,7 +170,8 @@ def test_score_and_select_on_s3_equal_the_local_run(tiny_models, s3, tmp_path):
     # scores: complete manifest, identical rows and gaps
     manifest = json.loads(_get(client, "runs/sel-01-scores/manifest.json"))
     assert manifest["kind"] == "scores" and manifest["complete"] is True
-    assert manifest["fingerprint"]["data"] == [f"s3://{BUCKET}/pairs/part-0.jsonl", f"s3://{BUCKET}/pairs/part-1.jsonl"]
+    assert list(manifest["fingerprint"]["data"]) == [f"s3://{BUCKET}/pairs/part-0.jsonl",
+                                                     f"s3://{BUCKET}/pairs/part-1.jsonl"]
     remote = _s3_scores(client, "runs/sel-01-scores")
     local = pq.read_table(tmp_path / "sel-01-scores" / "scores").sort_by("row_id")
     assert remote.num_rows == local.num_rows == len(rows) - 2
@@ -285,3 +286,21 @@ def test_training_checkpoints_go_to_s3(tiny_models, s3, tmp_path):
     ckpts = {k.split("/")[2] for k in keys if len(k.split("/")) > 3 and k.split("/")[2].startswith("checkpoint_")}
     assert len(ckpts) == 2, keys  # --save-steps 2 with --max-steps 4: steps 2 and 4
     assert (tmp_path / "dpo" / "final" / "config.json").exists()
+
+
+def test_s3_input_edited_between_kill_and_rerun_is_refused(tiny_models, s3):
+    """A resume never mixes inputs: an object rewritten after the unfinished run started is named."""
+    from prefsel.run_output import RunOutput
+    from prefsel.score_job import ScoreJobConfig, fingerprint, run_score
+    from prefsel.sources import plan_source
+
+    client, _ = s3
+    rows = [r for r in _rows() if isinstance(r, dict) and "chosen" in r][:6]
+    _put(client, "edit/in.jsonl", _lines(rows))
+    cfg = ScoreJobConfig(policy=tiny_models[0], reference=tiny_models[1], data=f"s3://{BUCKET}/edit/in.jsonl",
+                         output=f"s3://{BUCKET}/runs/edit", chunk_rows=2)
+    RunOutput(cfg.output, fingerprint(cfg, plan_source(cfg.data, 2).files, "pairs"), kind="scores")  # unfinished
+    time.sleep(1.1)  # S3 LastModified has one-second resolution
+    _put(client, "edit/in.jsonl", _lines(rows[::-1] + rows[:1]))
+    with pytest.raises(FileExistsError, match=r"input file changed.*edit/in.jsonl"):
+        run_score(cfg)

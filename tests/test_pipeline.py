@@ -16,6 +16,7 @@ from helpers import read_rejects, read_scores, write_jsonl
 from prefsel.demo_data import make_demo_pairs
 from prefsel.formats import to_example
 from prefsel.models import load_causal_lm, load_tokenizer
+from prefsel.jobs import ActorResources
 from prefsel.score_job import ScoreJobConfig, run_score
 from prefsel.scoring import SCORE_COLUMNS, PairScorer, ScoreConfig
 from prefsel.tokenization import PairTokenizer
@@ -151,10 +152,12 @@ def test_invariance_to_actors_batching_and_padding(tiny_models, tmp_path):
     rows = _good_rows("pairs") + _good_rows("pairs")[:10]
     data = write_jsonl(tmp_path / "in.jsonl", rows)
     runs = {
-        "one_actor_big_batches": dict(num_actors=1, rows_per_actor_call=256, max_tokens_per_batch=100000),
-        "two_actors_small_calls": dict(num_actors=2, cpus_per_actor=0.5, rows_per_actor_call=3,
-                                       max_tokens_per_batch=64),
-        "left_padding": dict(num_actors=1, padding_side="left", max_tokens_per_batch=500),
+        "one_actor_big_batches": dict(resources=ActorResources(num_actors=1, rows_per_actor_call=256),
+                                      scoring=ScoreConfig(max_tokens_per_batch=100000)),
+        "two_actors_small_calls": dict(resources=ActorResources(num_actors=2, cpus_per_actor=0.5, rows_per_actor_call=3),
+                                       scoring=ScoreConfig(max_tokens_per_batch=64)),
+        "left_padding": dict(resources=ActorResources(num_actors=1),
+                             scoring=ScoreConfig(padding_side="left", max_tokens_per_batch=500)),
     }
     gaps = {}
     for name, kw in runs.items():

@@ -1,8 +1,9 @@
-"""`prefsel annotate` on Ray Data: multi-response rows -> `rewards` from a reward model.
+"""`prefsel annotate`: multi-response rows -> `rewards` from a reward model.
 
-chunk descriptors -> prepare (CPU tasks: read, validate as `multi`, tokenize prompt and each
-response with the RM's tokenizer and chat template; over-long rows get a reason) -> RewardActor
-pool (batched by tokens) -> driver writes each chunk's shard when all its rows are in.
+A job on the shared skeleton (prefsel.jobs): read tasks validate each row as `multi` and tokenize
+the prompt and every response with the RM's tokenizer and chat template (over-long rows get a
+reason); `RewardActor`s score every response (prefsel.generation.rewards, batched by tokens);
+the driver writes each chunk's JSON lines shard when all its rows are in.
 Input: a `prefsel generate` output (its multi/ folder is read), or any JSON lines / Parquet /
 datasets source with `prompt` and `responses`. Output rows keep every field and gain `rewards`
 (one float per response, same order); rows_in = rows_out + rows_rejected.
@@ -10,225 +11,175 @@ datasets source with `prompt` and `responses`. Output rows keep every field and 
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import pyarrow as pa
 
+from prefsel.checks import require
 from prefsel.formats import RowError, to_example
 from prefsel.generation.output import JsonlRunOutput
-from prefsel.sources import DEFAULT_CHUNK_ROWS, Chunk, plan_source
+from prefsel.jobs import ActorResources, ModelActor, TokenizerSpec, flatten_responses, group_by_owner
+from prefsel.jobs import JobConfig, job_fingerprint, original_record, run_chunks
+from prefsel.logprobs import DEFAULT_MAX_TOKENS_PER_BATCH
+from prefsel.sources import Chunk, RawRow, plan_source
 
 PREPARED_SCHEMA = pa.schema([
     ("row_id", pa.int64()), ("out_id", pa.int64()), ("chunk_id", pa.int64()), ("record", pa.large_string()),
     ("reason", pa.string()), ("prompt_ids", pa.list_(pa.int32())), ("response_ids", pa.list_(pa.list_(pa.int32()))),
 ])
-SCORED_SCHEMA = pa.schema([
-    ("row_id", pa.int64()), ("out_id", pa.int64()), ("chunk_id", pa.int64()), ("record", pa.large_string()),
-    ("reason", pa.string()), ("rewards", pa.list_(pa.float64())), ("tokens", pa.int64()),
-])
 
 
 @dataclass
-class AnnotateConfig:
+class AnnotateConfig(JobConfig):
     data: str
     reward_model: str
     output: str
-    tokenizer: str | None = None
-    chat_template: str = "auto"
-    max_length: int | None = None
-    split: str = "train"
-    chunk_rows: int = DEFAULT_CHUNK_ROWS
-    num_actors: int = 1
-    gpus_per_actor: float = 0.0
-    cpus_per_actor: float = 1.0
-    dtype: str = "auto"
-    max_tokens_per_batch: int = 16384
-    rows_per_actor_call: int = 64
+    max_length: int | None = None  # None: the reward model's context
+    max_tokens_per_batch: int = DEFAULT_MAX_TOKENS_PER_BATCH
     attn_implementation: str | None = None
-    trust_remote_code: bool = False
-    overwrite: bool = False
+    resources: ActorResources = field(default_factory=lambda: ActorResources(rows_per_actor_call=64))
+
+    model_field = "reward_model"
 
     def __post_init__(self) -> None:
-        if self.num_actors < 1 or self.chunk_rows < 1 or self.rows_per_actor_call < 1:
-            raise ValueError("--num-actors, --chunk-rows and --rows-per-actor-call must be positive")
-        if self.max_length is not None and self.max_length < 2:
-            raise ValueError("--max-length must be at least 2")
-
-    @property
-    def tokenizer_path(self) -> str:
-        return self.tokenizer or self.reward_model
+        super().__post_init__()
+        require((self.max_length is None or self.max_length >= 2, "max_length: must be at least 2"))
 
 
 def fingerprint(cfg: AnnotateConfig, files: list[str]) -> dict:
-    from prefsel.score_job import model_stamp
-
-    return {"data": files, "reward_model": model_stamp(cfg.reward_model), "tokenizer": model_stamp(cfg.tokenizer_path),
-            "chat_template": cfg.chat_template, "max_length": cfg.max_length, "chunk_rows": cfg.chunk_rows,
-            "split": cfg.split, "dtype": cfg.dtype}
+    return job_fingerprint(cfg, files, ("reward_model",), ("max_length",))
 
 
-def prepare_rows(rows, tokenizer) -> list[dict]:
+def prepare_multi_rows(rows, tokenizer) -> list[dict]:
     """Validate (`multi`) and tokenize raw rows with the RM tokenizer; every row comes out."""
-    from prefsel.prepare import dumps
+    from prefsel.prepare import dumps, record_text, unexpected_reason
+    from prefsel.sources import not_object_reason, value_problem
 
     out = []
     for r in rows:
         base = {"row_id": r.row_id, "out_id": r.row_id, "prompt_ids": [], "response_ids": []}
         if r.record is None:
-            out.append({**base, "record": r.raw or "", "reason": r.error or "row: unreadable"})
+            out.append({**base, "record": r.reject_text(), "reason": r.error or not_object_reason(None)})
             continue
         rec = r.record
         if isinstance(rec, dict) and isinstance(rec.get("row_id"), int) and not isinstance(rec.get("row_id"), bool):
             base["out_id"] = rec["row_id"]  # keep the id given by `prefsel generate`
-        text = dumps(rec)
-        try:
+        text = None
+        try:  # one bad row never aborts the job: any failure is its reject reason
+            problem = value_problem(rec) if isinstance(rec, dict) else None
+            if problem:
+                raise RowError(problem)
+            text = dumps(rec)
             ex = to_example(rec, "multi")
             tok = tokenizer.encode(ex)
             out.append({**base, "record": text, "reason": None, "prompt_ids": tok.prompt_ids,
                         "response_ids": tok.response_ids})
         except RowError as e:
-            out.append({**base, "record": text, "reason": str(e)})
+            out.append({**base, "record": text or record_text(rec), "reason": str(e)})
+        except Exception as e:  # noqa: BLE001
+            out.append({**base, "record": text or record_text(rec), "reason": unexpected_reason(e)})
     return out
 
 
-def prepare_batch(batch: pa.Table, *, tok_args: dict) -> pa.Table:
-    from prefsel.score_job import chunk_from_row, pair_tokenizer
-    from prefsel.sources import read_chunk
+@dataclass(frozen=True)
+class PrepareMulti:
+    """Read-task stage: validate and tokenize a chunk's multi-response rows."""
 
-    tokenizer = pair_tokenizer(**tok_args)
-    rows = []
-    for row in batch.to_pylist():
-        chunk = chunk_from_row(row)
-        rows += [{**p, "chunk_id": chunk.chunk_id} for p in prepare_rows(read_chunk(chunk), tokenizer)]
-    return pa.Table.from_pylist(rows, schema=PREPARED_SCHEMA)
+    tokenizer: TokenizerSpec
 
-
-def score_rows(model, rows: list[dict], pad_token_id: int, max_tokens_per_batch: int, device) -> list[dict]:
-    """Rewards for the usable rows of a batch (all their responses batched together by tokens)."""
-    from prefsel.generation.rewards import score_sequences
-
-    prompts, responses, owner = [], [], []
-    for i, r in enumerate(rows):
-        if r["reason"] is None:
-            for resp in r["response_ids"]:
-                prompts.append(r["prompt_ids"])
-                responses.append(resp)
-                owner.append(i)
-    values = score_sequences(model, prompts, responses, pad_token_id,
-                             max_tokens_per_batch=max_tokens_per_batch, device=device) if prompts else []
-    per_row: dict[int, list[float]] = {}
-    for i, v in zip(owner, values):
-        per_row.setdefault(i, []).append(v)
-    out = []
-    for i, r in enumerate(rows):
-        rewards, reason, tokens = None, r["reason"], 0
-        if reason is None:
-            rewards = per_row[i]
-            tokens = sum(len(r["prompt_ids"]) + len(x) for x in r["response_ids"])
-            if not all(math.isfinite(v) for v in rewards):
-                reason, rewards = "reward: non-finite reward from the reward model (overflow? try --dtype fp32)", None
-        out.append({k: r[k] for k in ("row_id", "out_id", "chunk_id", "record")} |
-                   {"reason": reason, "rewards": rewards, "tokens": tokens})
-    return out
+    def __call__(self, chunk: Chunk, rows: list[RawRow]) -> pa.Table:
+        prepared = [{**p, "chunk_id": chunk.chunk_id} for p in prepare_multi_rows(rows, self.tokenizer.load())]
+        return pa.Table.from_pylist(prepared, schema=PREPARED_SCHEMA)
 
 
-class RewardActor:
-    """Ray Data actor: holds the reward model; adds `rewards` to usable rows."""
+class RewardActor(ModelActor):
+    """Holds the reward model; adds `rewards` (one per response) to usable rows."""
 
-    def __init__(self, cfg: AnnotateConfig, pad_token_id: int) -> None:
-        import torch
+    inputs = ("prompt_ids", "response_ids")
+    results = pa.schema([("reason", pa.string()), ("rewards", pa.list_(pa.float64())), ("tokens", pa.int64())])
 
+    def __init__(self, resources: ActorResources, cfg: AnnotateConfig, pad_token_id: int) -> None:
+        super().__init__(resources)
         from prefsel.generation.rewards import load_reward_model
-        from prefsel.models import resolve_device
 
-        if cfg.cpus_per_actor >= 1:
-            torch.set_num_threads(int(cfg.cpus_per_actor))
         self.cfg = cfg
         self.pad = pad_token_id
-        self.device = resolve_device("cuda" if cfg.gpus_per_actor > 0 else "cpu")
         self.model = load_reward_model(cfg.reward_model, dtype=cfg.dtype, device=str(self.device),
                                        trust_remote_code=cfg.trust_remote_code,
                                        attn_implementation=cfg.attn_implementation)
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = score_rows(self.model, batch.to_pylist(), self.pad, self.cfg.max_tokens_per_batch, self.device)
-        return pa.Table.from_pylist(rows, schema=SCORED_SCHEMA)
+    def process(self, rows: list[dict]) -> list[dict]:
+        return score_rows(self.model, rows, self.pad, self.cfg.max_tokens_per_batch, self.device)
 
 
-class AnnotateSink:
-    def __init__(self, out: JsonlRunOutput, chunks: list[Chunk]) -> None:
+def score_rows(model, rows: list[dict], pad_token_id: int, max_tokens_per_batch: int, device) -> list[dict]:
+    """{rewards, tokens} (or a reject reason) for each usable row; all responses batched by tokens."""
+    from prefsel.generation.rewards import score_sequences
+
+    prompts, responses, owner = flatten_responses(rows)
+    values = score_sequences(model, prompts, responses, pad_token_id,
+                             max_tokens_per_batch=max_tokens_per_batch, device=device) if prompts else []
+    per_row = group_by_owner(owner, values, len(rows))
+    out = []
+    for i, r in enumerate(rows):
+        rewards = per_row[i]
+        if not all(math.isfinite(v) for v in rewards):
+            out.append({"reason": "reward: non-finite reward from the reward model (overflow? try --dtype fp32)"})
+            continue
+        out.append({"rewards": rewards, "tokens": sum(len(r["prompt_ids"]) + len(x) for x in r["response_ids"])})
+    return out
+
+
+class AnnotateShardWriter:
+    """Driver stage: one chunk's rows -> its JSON lines shard (fields + rewards) + rejects."""
+
+    def __init__(self, out: JsonlRunOutput) -> None:
         self.out = out
-        self.expected = {c.chunk_id: c.num_rows for c in chunks}
-        self.pending: dict[int, list[dict]] = {}
         self.tokens = 0
 
-    def add(self, table: pa.Table) -> None:
-        for row in table.to_pylist():
-            self.tokens += row["tokens"] or 0
-            cid = row["chunk_id"]
-            self.pending.setdefault(cid, []).append(row)
-            if len(self.pending[cid]) == self.expected[cid]:
-                self._flush(cid)
-
-    def _flush(self, cid: int) -> None:
+    def __call__(self, chunk_id: int, table: pa.Table) -> None:
         good, rejects = [], []
-        for r in sorted(self.pending.pop(cid), key=lambda r: r["row_id"]):
-            try:
-                record = json.loads(r["record"])
-            except json.JSONDecodeError:
-                record = r["record"]
+        for r in table.to_pylist():
+            record = original_record(r["record"])
             if r["reason"] is not None:
                 rejects.append({"row_id": r["out_id"], "reason": r["reason"], "record": record})
-            else:
-                row = {"row_id": r["out_id"]}
-                row.update({k: v for k, v in record.items() if k not in ("row_id", "rewards")})
-                row["rewards"] = r["rewards"]
-                good.append(row)
-        self.out.write_rows(cid, good, rejects)
+                continue
+            self.tokens += r["tokens"] or 0
+            row = {"row_id": r["out_id"]}
+            row.update({k: v for k, v in record.items() if k not in ("row_id", "rewards")})
+            row["rewards"] = r["rewards"]
+            good.append(row)
+        self.out.write_rows(chunk_id, good, rejects)
 
 
 def run_annotate(cfg: AnnotateConfig) -> dict:
-    import ray
-    from ray.data import ActorPoolStrategy
-
-    from prefsel.models import load_tokenizer
-    from prefsel.score_job import chunk_rows_for_ray, init_ray
+    from prefsel.models import load_tokenizer, model_context_length
 
     t0 = time.time()
     plan = plan_source(cfg.data, cfg.chunk_rows, cfg.split)
+    tok = load_tokenizer(cfg.tokenizer_path, trust_remote_code=cfg.trust_remote_code)
+    if cfg.max_length is None:  # too long for the reward model is a reject, not a silent score
+        cfg = replace(cfg, max_length=model_context_length(tok, [cfg.reward_model],
+                                                           trust_remote_code=cfg.trust_remote_code))
     out = JsonlRunOutput(cfg.output, fingerprint(cfg, plan.files), kind="multi", overwrite=cfg.overwrite)
     done = out.done_chunks()
     todo = [c for c in plan.chunks if c.chunk_id not in done]
-    sink = AnnotateSink(out, todo)
-    if todo:
-        init_ray()
-        tok = load_tokenizer(cfg.tokenizer_path, trust_remote_code=cfg.trust_remote_code)
-        tok_args = dict(path=cfg.tokenizer_path, chat_template=cfg.chat_template, max_length=cfg.max_length,
-                        truncation="reject", trust_remote_code=cfg.trust_remote_code)
-        ds = ray.data.from_items(chunk_rows_for_ray(todo), override_num_blocks=len(todo))
-        ds = ds.map_batches(prepare_batch, batch_size=1, batch_format="pyarrow", num_cpus=1,
-                            fn_kwargs=dict(tok_args=tok_args))
-        ds = ds.map_batches(
-            RewardActor, batch_size=cfg.rows_per_actor_call, batch_format="pyarrow",
-            compute=ActorPoolStrategy(size=cfg.num_actors), num_gpus=cfg.gpus_per_actor,
-            num_cpus=cfg.cpus_per_actor, fn_constructor_kwargs=dict(cfg=cfg, pad_token_id=tok.pad_token_id),
-        )
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            sink.add(batch)
-        if sink.pending:
-            raise RuntimeError(f"chunks ended incomplete: { {c: len(v) for c, v in sink.pending.items()} }")
+    writer = AnnotateShardWriter(out)
+    spec = TokenizerSpec(cfg.tokenizer_path, cfg.chat_template, cfg.max_length, "reject", cfg.trust_remote_code)
+    collector = run_chunks(todo, PrepareMulti(spec), RewardActor, dict(cfg=cfg, pad_token_id=tok.pad_token_id),
+                           cfg.resources, writer)
     wall = time.time() - t0
     c = out.count()
     if plan.num_rows != c["rows_out"] + c["rows_rejected"]:
         raise RuntimeError(f"row accounting failed: {plan.num_rows} in, {c['rows_out']} out + {c['rows_rejected']} rejected")
     summary = {
         "rows_in": plan.num_rows, "rows_out": c["rows_out"], "rows_rejected": c["rows_rejected"],
-        "reject_reasons": c["reject_reasons"], "responses_scored": c["responses"], "tokens": sink.tokens,
-        "tokens_per_s": round(sink.tokens / wall, 1) if wall > 0 and not done else None,
+        "reject_reasons": c["reject_reasons"], "responses_scored": c["responses"], "tokens": writer.tokens,
+        "tokens_per_s": round(writer.tokens / wall, 1) if wall > 0 and not done else None,
         "wall_s": round(wall, 2), "resumed_chunks": len(done), "chunks": len(plan.chunks),
+        "rows_per_actor": dict(collector.rows_per_actor),
         "reward_model": cfg.reward_model, "max_length": cfg.max_length, "data": cfg.data,
         "outputs": {"multi": f"{cfg.output.rstrip('/')}/multi", "rejects": f"{cfg.output.rstrip('/')}/rejects",
                     "summary": f"{cfg.output.rstrip('/')}/summary.json"},

@@ -1,12 +1,14 @@
 """`prefsel generate` on Ray Data: prompts -> K sampled responses each -> multi-response rows.
 
-Pipeline (the score job's style): chunk descriptors -> prepare (CPU tasks: read, validate,
-chat-template + tokenize the prompt) -> materialized; the driver registers every row (rejects
-go straight to their chunk), then the usable rows go to the backend:
-  hf:   actor pool of GenerateActor (transformers generate, seeded per sample);
-  vllm: flat_map into K requests per prompt -> ray.data.llm vLLM processor.
-Both return one row per sample; the driver groups samples by row_id, and writes a chunk's shard
-as soon as all its rows are complete. Counts add up: rows_in = rows_out + rows_rejected.
+hf backend: a job on the shared skeleton (prefsel.jobs): read tasks validate, chat-template and
+tokenize each chunk's prompts; `GenerateActor`s (transformers generate, seeded per sample) turn
+each usable prompt into its output row; the driver writes a chunk's shard as soon as all its
+rows are in.
+vllm backend: the same read stage, materialized; the driver registers every row (rejects go
+straight to their chunk), the usable rows go through flat_map (K requests per prompt) into the
+ray.data.llm vLLM processor, and the driver groups the samples back by row_id (a vLLM engine
+replica owns the GPU; its samples come back one per request, in any order).
+Counts add up: rows_in = rows_out + rows_rejected.
 """
 
 from __future__ import annotations
@@ -18,12 +20,15 @@ from dataclasses import asdict, dataclass, field
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from prefsel.checks import require
 from prefsel.formats import RowError
 from prefsel.generation.hf_backend import SampleRequest, SamplingConfig
 from prefsel.generation.output import JsonlRunOutput
 from prefsel.generation.prompts import encode_prompt, parse_prompt_row, sample_seed
 from prefsel.generation.vllm_backend import SAMPLE_COLUMNS
-from prefsel.sources import DEFAULT_CHUNK_ROWS, Chunk, plan_source
+from prefsel.jobs import ActorResources, JobConfig, ModelActor, TokenizerSpec, job_fingerprint, original_record, run_chunks
+from prefsel.logprobs import DEFAULT_MAX_TOKENS_PER_BATCH
+from prefsel.sources import Chunk, RawRow, plan_source
 
 BACKENDS = ("vllm", "hf")
 PREPARED_SCHEMA = pa.schema([
@@ -36,28 +41,21 @@ SAMPLE_SCHEMA = pa.schema([
     ("sample_error", pa.string()),
 ])
 assert tuple(SAMPLE_SCHEMA.names) == SAMPLE_COLUMNS
+STAT_KEYS = ("samples", "samples_empty", "generated_tokens", "samples_unfinished", "prompt_tokens")
 
 
 @dataclass
-class GenerateConfig:
+class GenerateConfig(JobConfig):
     prompts: str
     model: str
     output: str
-    backend: str = "hf"
+    backend: str = "vllm"
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    tokenizer: str | None = None
-    chat_template: str = "auto"
     max_prompt_length: int | None = None
-    split: str = "train"
-    chunk_rows: int = DEFAULT_CHUNK_ROWS
     # hf backend
-    num_actors: int = 1
-    gpus_per_actor: float = 0.0
-    cpus_per_actor: float = 1.0
-    dtype: str = "auto"
-    max_tokens_per_batch: int = 16384
+    resources: ActorResources = field(default_factory=lambda: ActorResources(rows_per_actor_call=16))
+    max_tokens_per_batch: int = DEFAULT_MAX_TOKENS_PER_BATCH
     max_batch_size: int = 64
-    rows_per_actor_call: int = 16
     # vllm backend
     tensor_parallel_size: int = 1
     num_replicas: int = 1
@@ -65,110 +63,122 @@ class GenerateConfig:
     max_model_len: int | None = None
     gpu_memory_utilization: float | None = None
     accelerator_type: str | None = None
-    trust_remote_code: bool = False
-    overwrite: bool = False
 
     def __post_init__(self) -> None:
-        if self.backend not in BACKENDS:
-            raise ValueError(f"--backend must be one of {BACKENDS}")
-        if self.num_actors < 1 or self.num_replicas < 1 or self.tensor_parallel_size < 1:
-            raise ValueError("--num-actors, --num-replicas and --tensor-parallel-size must be at least 1")
-        if self.chunk_rows < 1 or self.rows_per_actor_call < 1 or self.max_batch_size < 1:
-            raise ValueError("--chunk-rows, --rows-per-actor-call and --max-batch-size must be positive")
-        if self.max_prompt_length is not None and self.max_prompt_length < 1:
-            raise ValueError("--max-prompt-length must be positive")
-
-    @property
-    def tokenizer_path(self) -> str:
-        return self.tokenizer or self.model
+        super().__post_init__()
+        require((self.backend in BACKENDS, f"backend: must be one of {BACKENDS}"),
+                (self.num_replicas >= 1, "num_replicas: must be at least 1"),
+                (self.tensor_parallel_size >= 1, "tensor_parallel_size: must be at least 1"),
+                (self.max_batch_size >= 1, "max_batch_size: must be positive"),
+                (self.max_prompt_length is None or self.max_prompt_length >= 1, "max_prompt_length: must be positive"))
 
 
 def fingerprint(cfg: GenerateConfig, files: list[str]) -> dict:
-    from prefsel.score_job import model_stamp
-
-    return {
-        "data": files, "model": model_stamp(cfg.model), "tokenizer": model_stamp(cfg.tokenizer_path),
-        "backend": cfg.backend, "sampling": asdict(cfg.sampling), "chat_template": cfg.chat_template,
-        "max_prompt_length": cfg.max_prompt_length, "chunk_rows": cfg.chunk_rows, "split": cfg.split,
-        "dtype": cfg.dtype,
-    }
+    return {**job_fingerprint(cfg, files, ("model",), ("backend", "max_prompt_length")),
+            "sampling": asdict(cfg.sampling)}
 
 
 # ---- stage functions (Ray workers) ----------------------------------------------------------------
 
 def prepare_prompts(rows, tokenizer, max_prompt_length: int | None) -> list[dict]:
     """Validate and tokenize raw prompt rows (sources.RawRow); every row comes out, maybe with a reason."""
-    from prefsel.prepare import dumps
+    from prefsel.prepare import dumps, record_text, unexpected_reason
+    from prefsel.sources import not_object_reason, value_problem
 
     out = []
     for r in rows:
         if r.record is None:
-            out.append({"row_id": r.row_id, "record": r.raw or "", "reason": r.error or "row: unreadable",
+            out.append({"row_id": r.row_id, "record": r.reject_text(), "reason": r.error or not_object_reason(None),
                         "prompt_ids": []})
             continue
-        text = dumps(r.record)
-        try:
+        text = None
+        try:  # one bad row never aborts the job: any failure is its reject reason
+            problem = value_problem(r.record) if isinstance(r.record, dict) else None
+            if problem:
+                raise RowError(problem)
+            text = dumps(r.record)
             ids = encode_prompt(tokenizer, parse_prompt_row(r.record).example)
             if max_prompt_length is not None and len(ids) > max_prompt_length:
                 raise RowError(f"field 'prompt': too long: {len(ids)} tokens > max_prompt_length {max_prompt_length}")
             out.append({"row_id": r.row_id, "record": text, "reason": None, "prompt_ids": ids})
         except RowError as e:
-            out.append({"row_id": r.row_id, "record": text, "reason": str(e), "prompt_ids": []})
+            out.append({"row_id": r.row_id, "record": text or record_text(r.record), "reason": str(e), "prompt_ids": []})
+        except Exception as e:  # noqa: BLE001
+            out.append({"row_id": r.row_id, "record": text or record_text(r.record), "reason": unexpected_reason(e),
+                        "prompt_ids": []})
     return out
 
 
-def prepare_batch(batch: pa.Table, *, tok_args: dict, max_prompt_length: int | None) -> pa.Table:
-    """Ray Data task: read the chunks in `batch`; validate and tokenize their prompts."""
-    from prefsel.score_job import chunk_from_row, pair_tokenizer
-    from prefsel.sources import read_chunk
+@dataclass(frozen=True)
+class PreparePrompts:
+    """Read-task stage: validate, chat-template and tokenize a chunk's prompts."""
 
-    tokenizer = pair_tokenizer(**tok_args)
-    rows = []
-    for row in batch.to_pylist():
-        chunk = chunk_from_row(row)
-        for p in prepare_prompts(read_chunk(chunk), tokenizer, max_prompt_length):
-            rows.append({**p, "chunk_id": chunk.chunk_id})
-    return pa.Table.from_pylist(rows, schema=PREPARED_SCHEMA)
+    tokenizer: TokenizerSpec
+    max_prompt_length: int | None
+
+    def __call__(self, chunk: Chunk, rows: list[RawRow]) -> pa.Table:
+        prepared = prepare_prompts(rows, self.tokenizer.load(), self.max_prompt_length)
+        return pa.Table.from_pylist([{**p, "chunk_id": chunk.chunk_id} for p in prepared], schema=PREPARED_SCHEMA)
 
 
 def usable_only(batch: pa.Table) -> pa.Table:
     return batch.filter(pc.is_null(batch["reason"])).select(["row_id", "chunk_id", "prompt_ids"])
 
 
-class GenerateActor:
-    """Ray Data actor (hf backend): holds the policy; one output row per (prompt, sample)."""
+class GenerateActor(ModelActor):
+    """hf backend: holds the policy; turns each usable prompt into its output row (K samples)."""
 
-    def __init__(self, cfg: GenerateConfig) -> None:
-        import torch
+    inputs = ("row_id", "record", "prompt_ids")
+    consumed = ("prompt_ids",)
+    results = pa.schema([("reason", pa.string()), ("output", pa.large_string()), *[(k, pa.int64()) for k in STAT_KEYS]])
 
-        from prefsel.models import load_causal_lm, load_tokenizer, resolve_device
+    def __init__(self, resources: ActorResources, cfg: GenerateConfig) -> None:
+        super().__init__(resources)
+        from prefsel.models import load_causal_lm, load_tokenizer
 
-        if cfg.cpus_per_actor >= 1:
-            torch.set_num_threads(int(cfg.cpus_per_actor))
         self.cfg = cfg
-        self.device = resolve_device("cuda" if cfg.gpus_per_actor > 0 else "cpu")
         self.model = load_causal_lm(cfg.model, dtype=cfg.dtype, device=str(self.device),
                                     trust_remote_code=cfg.trust_remote_code)
         self.tokenizer = load_tokenizer(cfg.tokenizer_path, trust_remote_code=cfg.trust_remote_code)
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def process(self, rows: list[dict]) -> list[dict]:
         from prefsel.generation.hf_backend import generate_samples
 
         s = self.cfg.sampling
-        reqs = [
-            SampleRequest((r["row_id"], r["chunk_id"], k), r["prompt_ids"], sample_seed(s.seed, r["row_id"], k))
-            for r in batch.to_pylist()
-            for k in range(s.num_samples)
-        ]
+        reqs = [SampleRequest((i, k), r["prompt_ids"], sample_seed(s.seed, r["row_id"], k))
+                for i, r in enumerate(rows) for k in range(s.num_samples)]
         results = generate_samples(self.model, self.tokenizer, reqs, s, device=self.device,
                                    max_tokens_per_batch=self.cfg.max_tokens_per_batch,
                                    max_batch_size=self.cfg.max_batch_size)
-        rows = [
-            {"row_id": x.key[0], "chunk_id": x.key[1], "sample_index": x.key[2], "sample_text": x.text,
-             "sample_tokens": len(x.token_ids), "sample_finished": x.finished, "sample_error": x.error}
-            for x in results
-        ]
-        return pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA)
+        samples: list[list[dict]] = [[] for _ in rows]
+        for x in results:
+            samples[x.key[0]].append({"sample_index": x.key[1], "sample_text": x.text, "sample_tokens": len(x.token_ids),
+                                      "sample_finished": x.finished, "sample_error": x.error})
+        out = []
+        for r, smp in zip(rows, samples):
+            row, reason, stats = assemble_row(json.loads(r["record"]), r["row_id"], smp)
+            stats["prompt_tokens"] = len(r["prompt_ids"])
+            out.append({"reason": reason, "output": None if row is None else json.dumps(row, ensure_ascii=False),
+                        **stats})
+        return out
+
+
+class GeneratedShardWriter:
+    """Driver stage (hf backend): one chunk's rows -> its JSON lines shard + rejects."""
+
+    def __init__(self, out: JsonlRunOutput) -> None:
+        self.out = out
+        self.stats = dict.fromkeys(STAT_KEYS, 0)
+
+    def __call__(self, chunk_id: int, table: pa.Table) -> None:
+        rows = table.to_pylist()
+        for r in rows:
+            for k in STAT_KEYS:
+                self.stats[k] += r.get(k) or 0
+        good = [json.loads(r["output"]) for r in rows if r["reason"] is None]
+        rejects = [{"row_id": r["row_id"], "reason": r["reason"], "record": original_record(r["record"])}
+                   for r in rows if r["reason"] is not None]
+        self.out.write_rows(chunk_id, good, rejects)
 
 
 # ---- driver side ------------------------------------------------------------------------------------
@@ -207,7 +217,7 @@ def assemble_row(record: dict, row_id: int, samples: list[dict]) -> tuple[dict |
 
 
 class GenerationSink:
-    """Groups sample rows by prompt and writes each chunk once all its rows are done."""
+    """vllm backend: groups sample rows by prompt and writes each chunk once all its rows are done."""
 
     def __init__(self, out: JsonlRunOutput, chunks: list[Chunk], num_samples: int) -> None:
         self.out = out
@@ -215,18 +225,13 @@ class GenerationSink:
         self.expected = {c.chunk_id: c.num_rows for c in chunks}
         self.done: dict[int, list[tuple[int, dict | None, dict | None]]] = {c.chunk_id: [] for c in chunks}
         self.pending: dict[int, dict] = {}
-        self.stats = {"samples": 0, "samples_empty": 0, "generated_tokens": 0, "samples_unfinished": 0,
-                      "prompt_tokens": 0}
-        self.written = 0
+        self.stats = dict.fromkeys(STAT_KEYS, 0)
 
     def register(self, row: dict) -> None:
         cid, rid = row["chunk_id"], row["row_id"]
         if row["reason"] is not None:
-            try:
-                original = json.loads(row["record"])
-            except json.JSONDecodeError:
-                original = row["record"]
-            self.done[cid].append((rid, None, {"row_id": rid, "reason": row["reason"], "record": original}))
+            reject = {"row_id": rid, "reason": row["reason"], "record": original_record(row["record"])}
+            self.done[cid].append((rid, None, reject))
         else:
             self.pending[rid] = {"chunk_id": cid, "record": row["record"], "samples": []}
 
@@ -252,7 +257,6 @@ class GenerationSink:
             items = sorted(self.done.pop(cid), key=lambda x: x[0])
             self.out.write_rows(cid, [r for _, r, _ in items if r is not None],
                                 [j for _, _, j in items if j is not None])
-            self.written += 1
 
     def unfinished(self) -> dict:
         return {cid: len(v) for cid, v in self.done.items()}
@@ -260,13 +264,6 @@ class GenerationSink:
 
 def run_generate(cfg: GenerateConfig) -> dict:
     """Generate `num_samples` responses per prompt of `cfg.prompts` into `cfg.output`."""
-    import ray
-    from ray.data import ActorPoolStrategy
-
-    from prefsel.generation.hf_backend import eos_ids
-    from prefsel.models import load_tokenizer
-    from prefsel.score_job import chunk_rows_for_ray, init_ray
-
     t0 = time.time()
     if cfg.backend == "vllm":
         from prefsel.generation.vllm_backend import require_vllm
@@ -276,50 +273,25 @@ def run_generate(cfg: GenerateConfig) -> dict:
     out = JsonlRunOutput(cfg.output, fingerprint(cfg, plan.files), kind="generations", overwrite=cfg.overwrite)
     done = out.done_chunks()
     todo = [c for c in plan.chunks if c.chunk_id not in done]
-    sink = GenerationSink(out, todo, cfg.sampling.num_samples)
-    if todo:
-        init_ray()
-        tok_args = dict(path=cfg.tokenizer_path, chat_template=cfg.chat_template, max_length=None,
-                        truncation="reject", trust_remote_code=cfg.trust_remote_code)
-        prepared = ray.data.from_items(chunk_rows_for_ray(todo), override_num_blocks=len(todo)).map_batches(
-            prepare_batch, batch_size=1, batch_format="pyarrow", num_cpus=1,
-            fn_kwargs=dict(tok_args=tok_args, max_prompt_length=cfg.max_prompt_length),
-        ).materialize()
-        for b in prepared.select_columns(["row_id", "chunk_id", "record", "reason", "prompt_ids"]).iter_batches(
-                batch_format="pyarrow", batch_size=4096):
-            for row in b.to_pylist():
-                sink.stats["prompt_tokens"] += len(row["prompt_ids"] or [])
-                row.pop("prompt_ids")
-                sink.register(row)
-        sink.check_all()
-        usable = prepared.map_batches(usable_only, batch_format="pyarrow", batch_size=None)
-        if sink.pending:
-            if cfg.backend == "hf":
-                samples = usable.map_batches(
-                    GenerateActor, batch_size=cfg.rows_per_actor_call, batch_format="pyarrow",
-                    compute=ActorPoolStrategy(size=cfg.num_actors), num_gpus=cfg.gpus_per_actor,
-                    num_cpus=cfg.cpus_per_actor, fn_constructor_kwargs=dict(cfg=cfg),
-                )
-                parse = None
-            else:
-                samples, parse = _vllm_samples(cfg, usable, eos_ids(load_tokenizer(
-                    cfg.tokenizer_path, trust_remote_code=cfg.trust_remote_code)))
-            for b in samples.iter_batches(batch_format="pyarrow", batch_size=None):
-                for s in b.to_pylist():
-                    sink.add_sample(parse(s) if parse else s)
-        if sink.pending or sink.done:
-            raise RuntimeError(f"generation ended incomplete: {len(sink.pending)} prompts without all samples; "
-                               f"chunks (rows done): {sink.unfinished()}")
+    prepare = PreparePrompts(TokenizerSpec(cfg.tokenizer_path, cfg.chat_template, None, "reject",
+                                           cfg.trust_remote_code), cfg.max_prompt_length)
+    rows_per_actor = {}
+    if cfg.backend == "hf":
+        writer = GeneratedShardWriter(out)
+        collector = run_chunks(todo, prepare, GenerateActor, dict(cfg=cfg), cfg.resources, writer)
+        stats, rows_per_actor = writer.stats, dict(collector.rows_per_actor)
+    else:
+        stats = _run_vllm(cfg, out, todo, prepare)
     wall = time.time() - t0
     c = out.count()
     rows_in = plan.num_rows
     if rows_in != c["rows_out"] + c["rows_rejected"]:
         raise RuntimeError(f"row accounting failed: {rows_in} in, {c['rows_out']} out + {c['rows_rejected']} rejected")
-    tokens = sink.stats["generated_tokens"]
+    tokens = stats["generated_tokens"]
     summary = {
         "rows_in": rows_in, "rows_out": c["rows_out"], "rows_rejected": c["rows_rejected"],
-        "reject_reasons": c["reject_reasons"], "responses": c["responses"],
-        **{k: v for k, v in sink.stats.items()},
+        "reject_reasons": c["reject_reasons"], "responses": c["responses"], **stats,
+        "rows_per_actor": rows_per_actor,
         "tokens_per_s": round(tokens / wall, 1) if wall > 0 and not done else None,
         "wall_s": round(wall, 2), "resumed_chunks": len(done), "chunks": len(plan.chunks),
         "backend": cfg.backend, "model": cfg.model, "num_samples": cfg.sampling.num_samples,
@@ -330,6 +302,36 @@ def run_generate(cfg: GenerateConfig) -> dict:
     }
     out.finalize(summary)
     return summary
+
+
+def _run_vllm(cfg: GenerateConfig, out: JsonlRunOutput, todo: list[Chunk], prepare: PreparePrompts) -> dict:
+    """The vllm backend's driver loop (see the module docstring); returns the sample stats."""
+    from prefsel.generation.hf_backend import eos_ids
+    from prefsel.jobs import read_prepared
+    from prefsel.models import load_tokenizer
+
+    sink = GenerationSink(out, todo, cfg.sampling.num_samples)
+    if not todo:
+        return sink.stats
+    prepared = read_prepared(todo, prepare).materialize()
+    for b in prepared.select_columns(["row_id", "chunk_id", "record", "reason", "prompt_ids"]).iter_batches(
+            batch_format="pyarrow", batch_size=4096):
+        for row in b.to_pylist():
+            sink.stats["prompt_tokens"] += len(row["prompt_ids"] or [])
+            row.pop("prompt_ids")
+            sink.register(row)
+    sink.check_all()
+    if sink.pending:
+        usable = prepared.map_batches(usable_only, batch_format="pyarrow", batch_size=None)
+        samples, parse = _vllm_samples(cfg, usable, eos_ids(load_tokenizer(
+            cfg.tokenizer_path, trust_remote_code=cfg.trust_remote_code)))
+        for b in samples.iter_batches(batch_format="pyarrow", batch_size=None):
+            for s in b.to_pylist():
+                sink.add_sample(parse(s))
+    if sink.pending or sink.done:
+        raise RuntimeError(f"generation ended incomplete: {len(sink.pending)} prompts without all samples; "
+                           f"chunks (rows done): {sink.unfinished()}")
+    return sink.stats
 
 
 def _vllm_samples(cfg: GenerateConfig, usable, stop_ids: list[int]):

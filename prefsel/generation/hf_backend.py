@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from prefsel.logprobs import plan_token_batches
+from prefsel.checks import require
+from prefsel.logprobs import DEFAULT_MAX_TOKENS_PER_BATCH, plan_token_batches
 
 
 @dataclass(frozen=True)
@@ -26,14 +27,10 @@ class SamplingConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.num_samples < 1:
-            raise ValueError("--num-samples must be at least 1")
-        if self.temperature < 0:
-            raise ValueError("--temperature must be >= 0 (0 means greedy)")
-        if not 0 < self.top_p <= 1:
-            raise ValueError("--top-p must be in (0, 1]")
-        if self.max_tokens < 1:
-            raise ValueError("--max-tokens must be at least 1")
+        require((self.num_samples >= 1, "num_samples: must be at least 1"),
+                (self.temperature >= 0, "temperature: must be >= 0 (0 means greedy)"),
+                (0 < self.top_p <= 1, "top_p: must be in (0, 1]"),
+                (self.max_tokens >= 1, "max_tokens: must be at least 1"))
 
 
 def _filtered_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
@@ -113,7 +110,7 @@ def generate_samples(
     requests: Sequence[SampleRequest],
     cfg: SamplingConfig,
     *,
-    max_tokens_per_batch: int = 16384,
+    max_tokens_per_batch: int = DEFAULT_MAX_TOKENS_PER_BATCH,
     max_batch_size: int | None = 64,
     device: torch.device | str = "cpu",
 ) -> list[SampleResult]:

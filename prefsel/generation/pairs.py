@@ -20,6 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from prefsel.formats import RowError, to_example
+from prefsel.jobs import input_stamps
+from prefsel.prepare import record_text, unexpected_reason
+from prefsel.sources import not_object_reason, value_problem
 from prefsel.losses import hps_sample_negative, hps_select_chosen
 
 STRATEGIES = ("hps", "best-worst")
@@ -82,7 +85,7 @@ def run_to_pairs(cfg: ToPairsConfig) -> dict:
 
     t0 = time.time()
     plan = plan_source(cfg.data, cfg.chunk_rows, cfg.split)
-    fp = {"data": plan.files, "strategy": cfg.strategy, "gamma": cfg.gamma, "seed": cfg.seed,
+    fp = {"data": input_stamps(plan.files), "strategy": cfg.strategy, "gamma": cfg.gamma, "seed": cfg.seed,
           "min_reward_gap": cfg.min_reward_gap, "chunk_rows": cfg.chunk_rows, "split": cfg.split}
     out = JsonlRunOutput(cfg.output, fp, kind="pairs", overwrite=cfg.overwrite)
     done = out.done_chunks()
@@ -93,14 +96,21 @@ def run_to_pairs(cfg: ToPairsConfig) -> dict:
         for r in read_chunk(chunk):
             rec = r.record
             rid = rec["row_id"] if isinstance(rec, dict) and type(rec.get("row_id")) is int else r.row_id
-            if rec is None:
-                rejects.append({"row_id": rid, "reason": r.error or "row: unreadable", "record": r.raw})
+            if not isinstance(rec, dict):
+                rejects.append({"row_id": rid, "reason": r.error or not_object_reason(rec),
+                                "record": r.raw if rec is None else rec})
                 continue
-            try:
+            problem = value_problem(rec)
+            if problem:  # a value JSON cannot carry: keep the record as (escaped) text
+                rejects.append({"row_id": rid, "reason": problem, "record": record_text(rec)})
+                continue
+            try:  # one bad row never aborts the job: any failure is its reject reason
                 good.append(make_pair(rec, rid, cfg.strategy, gamma=cfg.gamma, seed=cfg.seed,
                                       min_reward_gap=cfg.min_reward_gap))
             except RowError as e:
                 rejects.append({"row_id": rid, "reason": str(e), "record": rec})
+            except Exception as e:  # noqa: BLE001
+                rejects.append({"row_id": rid, "reason": unexpected_reason(e), "record": record_text(rec)})
         out.write_rows(chunk.chunk_id, good, rejects)
     c = out.count()
     if plan.num_rows != c["rows_out"] + c["rows_rejected"]:

@@ -1,0 +1,418 @@
+"""The chunked job skeleton on Ray Data, shared by score, annotate, generate and training's
+reference precompute.
+
+    plan (driver)  -> read tasks (one per read unit: read, validate, tokenize its chunks)
+                   -> model actors (ActorPoolStrategy; batches counted in rows)
+                   -> driver: rows grouped by chunk; a chunk is written the moment its rows are in
+
+Why this shape: the read stage is a Ray Data `Datasource`, so a read task turns one chunk
+descriptor into that chunk's prepared rows. Ray Data never fuses a read into an actor stage
+that asks for a batch size (a read may change the row count), so the actor's `batch_size`
+counts real rows whatever else is fused, every actor of the pool gets chunks as they are read,
+and the driver receives each actor batch as soon as it is done (streaming executor,
+backpressure). Each input file is read once in total: JSON lines by byte offsets, JSON arrays
+by the byte ranges found when planning, Parquet by row group (sources.read_units).
+
+A job gives three things: `prepare(chunk, rows) -> pa.Table` (runs in read tasks), a
+`ModelActor` subclass (runs in the pool) and `write(chunk_id, table)` (runs in the driver).
+Every prepared row carries `row_id`, `chunk_id` and `reason` (None for a usable row); actors
+pass rejected rows through untouched, so every input row reaches the driver exactly once. Work
+that needs no model (parsing, validation, tokenization, putting original fields into typed
+columns) happens in the read tasks, which run in parallel; the actors and the driver handle
+Arrow columns and convert to Python only what they compute on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from prefsel.checks import require
+from prefsel.sources import DEFAULT_CHUNK_ROWS, Chunk, RawRow, read_unit, read_units
+
+JobRows = Callable[[Chunk, list[RawRow]], pa.Table]
+
+
+# ---- Ray ------------------------------------------------------------------------------------------
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Join the cluster in RAY_ADDRESS, or start a local Ray on demand."""
+    import ray
+
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            # Keep Ray's dashboard: it serves the State API, which Ray Train V2's placement-group
+            # cleaner polls (without it: a warning every few seconds and no cleanup).
+            ray.init(num_cpus=num_cpus, log_to_driver=True)
+
+
+# ---- what determines a run's output ----------------------------------------------------------------
+
+
+def model_stamp(path: str) -> str:
+    """Identify a model by name, plus sizes and times of its files when it is a local folder."""
+    p = Path(path)
+    if not p.is_dir():
+        return path
+    parts = [
+        f"{f.name}:{f.stat().st_size}:{int(f.stat().st_mtime)}"
+        for f in sorted(p.iterdir())
+        if f.is_file() and f.suffix in (".json", ".safetensors", ".bin", ".model", ".jinja")
+    ]
+    return path + "|" + hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def input_stamps(files: list[str], content_hash: bool = False) -> dict[str, str]:
+    """What identifies each input file's content: size and modification time (object storage:
+    its LastModified), or with `content_hash` the SHA-256 of its bytes. A `datasets` folder is
+    stamped by its files; a hub dataset by its name. A resumed run whose stamps differ is refused."""
+    from pyarrow import fs as pafs
+
+    from prefsel.sources import filesystem_for
+
+    stamps = {}
+    for uri in files:
+        try:
+            fs, path = filesystem_for(uri)
+            info = fs.get_file_info(path)
+        except (OSError, ValueError):
+            stamps[uri] = "name"
+            continue
+        if info.type == pafs.FileType.Directory:
+            inner = [i for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+                     if i.type == pafs.FileType.File]
+        elif info.type == pafs.FileType.File:
+            inner = [info]
+        else:
+            stamps[uri] = "name"
+            continue
+        parts = []
+        for i in sorted(inner, key=lambda i: i.path):
+            if content_hash:
+                h = hashlib.sha256()
+                with fs.open_input_stream(i.path) as f:
+                    while block := f.read(1 << 22):
+                        h.update(block)
+                parts.append(f"{i.path}:sha256={h.hexdigest()}")
+            else:
+                mtime = i.mtime_ns if i.mtime_ns is not None else None
+                parts.append(f"{i.path}:size={i.size}:mtime_ns={mtime}")
+        stamps[uri] = parts[0].split(":", 1)[1] if len(parts) == 1 and inner[0].path == path else \
+            hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+    return stamps
+
+
+@dataclass(kw_only=True)
+class JobConfig:
+    """What every job over a corpus takes besides its models and its own settings (keyword-only,
+    so each job's config declares its required models and paths first). `model_field` names the
+    model whose tokenizer is used when `tokenizer` is not given."""
+
+    tokenizer: str | None = None
+    chat_template: str = "auto"
+    split: str = "train"
+    chunk_rows: int = DEFAULT_CHUNK_ROWS
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+    hash_inputs: bool = False  # fingerprint inputs by content (SHA-256), not size + mtime
+    overwrite: bool = False
+
+    model_field = "model"
+
+    def __post_init__(self) -> None:
+        require((self.chunk_rows >= 1, "chunk_rows: must be positive"))
+
+    @property
+    def tokenizer_path(self) -> str:
+        return self.tokenizer or getattr(self, self.model_field)
+
+
+def job_fingerprint(cfg: JobConfig, files: list[str], models: tuple[str, ...], settings: tuple[str, ...]) -> dict:
+    """What determines a job's output, for resume: the input files' stamps, each model's and the
+    tokenizer's stamp, the shared settings of JobConfig and the job's own named `settings`."""
+    return {
+        "data": input_stamps(files, cfg.hash_inputs),
+        **{name: model_stamp(getattr(cfg, name)) for name in models},
+        "tokenizer": model_stamp(cfg.tokenizer_path),
+        **{k: getattr(cfg, k) for k in ("chat_template", "chunk_rows", "split", "dtype", *settings)},
+    }
+
+
+# ---- the tokenizer, once per worker process --------------------------------------------------------
+
+_TOKENIZERS: dict = {}
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """How a job's read tasks tokenize: built into a PairTokenizer once per worker process."""
+
+    path: str
+    chat_template: str = "auto"
+    max_length: int | None = None
+    truncation: str = "reject"
+    trust_remote_code: bool = False
+    strip_responses: bool = True
+    exact_continuation: bool = True
+
+    def load(self):
+        from prefsel.models import load_tokenizer
+        from prefsel.tokenization import PairTokenizer
+
+        if self not in _TOKENIZERS:  # Ray reuses worker processes: load once per process
+            tok = load_tokenizer(self.path, trust_remote_code=self.trust_remote_code)
+            _TOKENIZERS[self] = PairTokenizer(tok, self.chat_template, self.max_length, self.truncation,
+                                              strip_responses=self.strip_responses,
+                                              exact_continuation=self.exact_continuation)
+        return _TOKENIZERS[self]
+
+
+# ---- the read stage: a Datasource with one read task per read unit --------------------------------
+
+
+def _datasource_class():
+    from ray.data import Datasource, ReadTask
+    from ray.data.block import BlockMetadata
+
+    class ChunkDatasource(Datasource):
+        """One read task per read unit (a chunk, or the chunks of one Parquet row group); the task
+        reads its rows and hands them to the job's `prepare`, one output block per chunk."""
+
+        def __init__(self, chunks: list[Chunk], prepare: JobRows) -> None:
+            self.units = read_units(chunks)
+            self.prepare = prepare
+
+        def estimate_inmemory_data_size(self) -> int | None:
+            return None
+
+        def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list:
+            prepare = self.prepare
+
+            def make(unit: list[Chunk]):
+                def read() -> Iterator[pa.Table]:
+                    for chunk, rows in read_unit(unit):
+                        yield prepare(chunk, rows)
+
+                meta = BlockMetadata(num_rows=sum(c.num_rows for c in unit), size_bytes=None,
+                                     input_files=None, exec_stats=None)
+                return ReadTask(read, meta)
+
+            return [make(u) for u in self.units]
+
+    return ChunkDatasource
+
+
+# ---- the model stage ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ActorResources:
+    """The actor pool: how many model replicas, and what each one holds."""
+
+    num_actors: int = 1
+    gpus_per_actor: float = 0.0
+    cpus_per_actor: float = 1.0
+    rows_per_actor_call: int = 256
+
+    def __post_init__(self) -> None:
+        require((self.num_actors >= 1, "num_actors: must be at least 1"),
+                (self.gpus_per_actor >= 0, "gpus_per_actor: must be >= 0"),
+                (self.cpus_per_actor >= 0, "cpus_per_actor: must be >= 0"),
+                (self.rows_per_actor_call >= 1, "rows_per_actor_call: must be positive"))
+
+
+class ModelActor:
+    """Base of the jobs' Ray Data actors: device and threads from the pool's resources, and the
+    plumbing around `process`. A subclass names the columns it reads (`inputs`), the ones it
+    uses up (`consumed`, dropped from its output) and the ones it adds (`results`); it loads its
+    models in __init__ and implements `process(rows)`: one dict of result columns per usable
+    row (a "reason" in it rejects that row). Every other column passes through in Arrow,
+    untouched and never converted to Python, and an `actor` column says who processed a row."""
+
+    inputs: tuple[str, ...] = ()
+    consumed: tuple[str, ...] | None = None  # None: the inputs
+    results: pa.Schema = pa.schema([])
+
+    def __init__(self, resources: ActorResources) -> None:
+        import torch
+
+        from prefsel.models import resolve_device
+
+        if resources.cpus_per_actor >= 1 and resources.gpus_per_actor == 0:
+            torch.set_num_threads(int(resources.cpus_per_actor))
+        self.device = resolve_device("cuda" if resources.gpus_per_actor > 0 else "cpu")
+        self.actor_id = f"{socket.gethostname()}:{os.getpid()}"
+
+    def process(self, rows: list[dict]) -> list[dict]:
+        raise NotImplementedError
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        import pyarrow.compute as pc
+
+        n = batch.num_rows
+        usable = (list(range(n)) if "reason" not in batch.column_names
+                  else pc.indices_nonzero(pc.is_null(batch["reason"])).to_pylist())
+        rows = batch.select(list(self.inputs)).take(usable).to_pylist() if usable else []
+        out = dict.fromkeys(usable, {})
+        out.update(zip(usable, self.process(rows) if rows else []))
+        consumed = self.inputs if self.consumed is None else self.consumed
+        table = batch.drop_columns([c for c in consumed if c in batch.column_names])
+        for f in self.results:
+            values = [out.get(i, {}).get(f.name) for i in range(n)]
+            if f.name == "reason":  # a row rejected here keeps the new reason; others their own
+                old = table["reason"].to_pylist()
+                table = table.set_column(table.schema.get_field_index("reason"), "reason",
+                                         pa.array([v if v is not None else o for v, o in zip(values, old)], pa.string()))
+            else:
+                table = table.append_column(f, pa.array(values, f.type))
+        return table.append_column("actor", pa.array([self.actor_id] * n, pa.string()))
+
+
+# ---- the driver ---------------------------------------------------------------------------------
+
+
+class ChunkCollector:
+    """Groups rows by chunk and hands a chunk (an Arrow table sorted by row_id) to `write` as
+    soon as all its rows are in. Memory is bounded by the chunks in flight; `rows_per_actor`
+    counts who processed the usable rows."""
+
+    def __init__(self, chunks: list[Chunk], write: Callable[[int, pa.Table], None]) -> None:
+        self.expected = {c.chunk_id: c.num_rows for c in chunks}
+        self.pending: dict[int, list[pa.Table]] = {}
+        self.received: Counter = Counter()
+        self.write = write
+        self.rows_per_actor: Counter = Counter()
+        self.writes: list[tuple[float, int]] = []  # (seconds since start, rows) of each written chunk
+        self.t0 = time.time()
+
+    @property
+    def first_write_s(self) -> float | None:
+        """Start-up: seconds until the first chunk was written (Ray workers, models, first chunk)."""
+        return self.writes[0][0] if self.writes else None
+
+    def steady_rows_per_s(self) -> float | None:
+        """Rows per second from the first written chunk to the last: throughput without start-up."""
+        if len(self.writes) < 2 or self.writes[-1][0] <= self.writes[0][0]:
+            return None
+        return sum(n for _, n in self.writes[1:]) / (self.writes[-1][0] - self.writes[0][0])
+
+    def add(self, table: pa.Table) -> None:
+        import pyarrow.compute as pc
+
+        if "actor" in table.column_names:
+            usable = table.filter(pc.is_null(table["reason"])) if "reason" in table.column_names else table
+            for actor, count in zip(*pc.value_counts(usable["actor"]).flatten()):
+                self.rows_per_actor[actor.as_py()] += count.as_py()
+        for cid in pc.unique(table["chunk_id"]).to_pylist():
+            part = table.filter(pc.equal(table["chunk_id"], cid))
+            self.pending.setdefault(cid, []).append(part)
+            self.received[cid] += part.num_rows
+            if self.received[cid] == self.expected[cid]:
+                whole = pa.concat_tables(self.pending.pop(cid)).sort_by("row_id")
+                self.write(cid, whole)
+                self.writes.append((time.time() - self.t0, whole.num_rows))
+
+    def check_done(self) -> None:
+        if self.pending:
+            raise RuntimeError(
+                "chunks ended incomplete (chunk: rows received): "
+                f"{ {cid: self.received[cid] for cid in self.pending} }"
+            )
+
+
+def map_actor_pool(ds, actor_cls: type, actor_kwargs: dict[str, Any], resources: ActorResources):
+    """`ds` through a pool of `actor_cls(resources=..., **actor_kwargs)`, batches of
+    `rows_per_actor_call` rows (pyarrow)."""
+    from ray.data import ActorPoolStrategy
+
+    return ds.map_batches(
+        actor_cls,
+        batch_size=resources.rows_per_actor_call,
+        batch_format="pyarrow",
+        compute=ActorPoolStrategy(size=resources.num_actors),
+        num_gpus=resources.gpus_per_actor,
+        num_cpus=resources.cpus_per_actor,
+        fn_constructor_kwargs={"resources": resources, **actor_kwargs},
+    )
+
+
+def flatten_responses(rows: list[dict]) -> tuple[list, list, list[int]]:
+    """(prompts, responses, owner): one (prompt_ids, response_ids) per response of each row,
+    `owner[j]` the index of the row response j belongs to."""
+    prompts, responses, owner = [], [], []
+    for i, r in enumerate(rows):
+        for resp in r["response_ids"]:
+            prompts.append(r["prompt_ids"])
+            responses.append(resp)
+            owner.append(i)
+    return prompts, responses, owner
+
+
+def group_by_owner(owner: list[int], values: list[float], n: int) -> list[list[float]]:
+    """The inverse of flatten_responses: per row, its responses' values in order."""
+    out: list[list[float]] = [[] for _ in range(n)]
+    for i, v in zip(owner, values):
+        out[i].append(float(v))
+    return out
+
+
+def read_prepared(chunks: list[Chunk], prepare: JobRows, concurrency: int = 2):
+    """The read stage alone: a Ray Dataset of the prepared rows of `chunks` (one read task per
+    read unit, one block per chunk).
+
+    Read tasks ask for no CPU of their own: reading and tokenizing cost a small fraction of a
+    model forward, and on a machine whose cores all went to model actors (2 actors x 1 CPU on 2
+    cores) a 1-CPU read could never be scheduled. `concurrency` caps the read tasks in flight;
+    Ray Data's backpressure keeps them from running far ahead of the actors."""
+    import ray
+
+    init_ray()
+    return ray.data.read_datasource(_datasource_class()(chunks, prepare), override_num_blocks=len(chunks),
+                                    num_cpus=0, concurrency=concurrency)
+
+
+def run_chunks(
+    chunks: list[Chunk],
+    prepare: JobRows,
+    actor_cls: type,
+    actor_kwargs: dict[str, Any],
+    resources: ActorResources,
+    write: Callable[[int, pa.Table], None],
+) -> ChunkCollector:
+    """Stream `chunks` through read+prepare -> the actor pool -> `write`, one chunk at a time.
+
+    `actor_cls(resources=..., **actor_kwargs)` is built once per pool member. Returns the
+    collector (rows per actor, time to the first written chunk)."""
+    collector = ChunkCollector(chunks, write)
+    if not chunks:
+        return collector
+    ds = map_actor_pool(read_prepared(chunks, prepare, concurrency=resources.num_actors + 1),
+                        actor_cls, actor_kwargs, resources)
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        collector.add(batch)
+    collector.check_done()
+    return collector
+
+
+def original_record(text: str) -> Any:
+    """A prepared row's `record` back as the original object (or the raw text of a line that
+    did not parse)."""
+    import json
+
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):  # JSONDecodeError is a ValueError
+        return text
