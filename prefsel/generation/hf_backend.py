@@ -20,6 +20,10 @@ from prefsel.logprobs import DEFAULT_MAX_TOKENS_PER_BATCH, plan_token_batches
 
 @dataclass(frozen=True)
 class SamplingConfig:
+    """How responses are sampled, shared by both backends. The defaults make a quick run; the HPS
+    paper samples K=100 responses per prompt at temperature 0.9 with up to 2048 new tokens.
+    Sample k of row r is seeded from (seed, r, k), so results do not depend on batching."""
+
     num_samples: int = 4
     temperature: float = 0.9
     top_p: float = 1.0
