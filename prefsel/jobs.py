@@ -168,12 +168,14 @@ class TokenizerSpec:
     strip_responses: bool = True
     exact_continuation: bool = True
 
-    def load(self):
+    def load(self, tokenizer=None):
+        """The PairTokenizer, built once per process; `tokenizer` is this spec's already loaded
+        transformers tokenizer, when the caller has it (the driver), so it is not loaded twice."""
         from prefsel.models import load_tokenizer
         from prefsel.tokenization import PairTokenizer
 
         if self not in _TOKENIZERS:  # Ray reuses worker processes: load once per process
-            tok = load_tokenizer(self.path, trust_remote_code=self.trust_remote_code)
+            tok = tokenizer or load_tokenizer(self.path, trust_remote_code=self.trust_remote_code)
             _TOKENIZERS[self] = PairTokenizer(tok, self.chat_template, self.max_length, self.truncation,
                                               strip_responses=self.strip_responses,
                                               exact_continuation=self.exact_continuation)

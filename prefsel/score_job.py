@@ -197,7 +197,7 @@ def run_score(cfg: ScoreJobConfig) -> dict:
     wall = time.time() - t0
     summary = score_summary(out, plan, fmt, cfg, wall, resumed_chunks=len(done))
     summary["source_kind"] = plan.kind
-    summary["rendering_note"] = rendering_note(fmt, cfg.tokenizer_spec.load(), sample[0] if sample else None)
+    summary["rendering_note"] = rendering_note(fmt, cfg.tokenizer_spec.load(tok), sample[0] if sample else None)
     summary["rows_per_actor"] = dict(collector.rows_per_actor)
     summary["startup_s"] = None if collector.first_write_s is None else round(collector.first_write_s, 2)
     steady = collector.steady_rows_per_s()

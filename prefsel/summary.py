@@ -16,7 +16,7 @@ _NUMBER = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?:e[-+]?\d+)?")
 _VALUE = re.compile(r"\b(unknown role|got roles|got) ('[^']*'|\"[^\"]*\"|\[[^\]]*\]|-?inf|nan|None|True|False)")
 
 
-def _reason_kind(reason: str) -> str:
+def reason_kind(reason: str) -> str:
     """Group reasons by their field and whole cause, without the row-specific detail: numbers
     (token counts, positions, indices) become N and quoted values after "got" / "unknown role"
     become <value>; the cause itself is kept whole (no cut at its first colon: HH's
@@ -62,7 +62,7 @@ def count_output(fs: pafs.FileSystem, root: str) -> dict:
         with fs.open_input_stream(info.path) as f:
             for line in f.read().decode("utf-8").splitlines():
                 if line.strip():
-                    reasons[_reason_kind(json.loads(line)["reason"])] += 1
+                    reasons[reason_kind(json.loads(line)["reason"])] += 1
     return {"rows_scored": scored, "rows_rejected": sum(reasons.values()), "tokens": tokens, "reasons": reasons}
 
 

@@ -23,7 +23,7 @@ import pytest
 from helpers import A, S, U, read_rejects, read_scores, write_jsonl
 from prefsel.formats import RowError, detect_format, implicit_prompt_split, to_example
 from prefsel.prepare import MISSING_KEY, check_record, infer_schema, record_schema, restore_record, same_value, split_record
-from prefsel.summary import _reason_kind, all_rejected_error
+from prefsel.summary import reason_kind, all_rejected_error
 from prefsel.tokenization import PairTokenizer, rendering_note
 
 DATA = Path(__file__).parent / "data"
@@ -305,10 +305,10 @@ def test_reason_kind_keeps_the_whole_cause():
             "fields 'chosen'/'rejected': HH texts differ before the last Assistant turn",
     }
     for reason, kind in cases.items():
-        assert _reason_kind(reason) == kind
+        assert reason_kind(reason) == kind
     # rows that differ only in their numbers group together
-    assert _reason_kind("field 'rejected': too long: prompt 3 + rejected 99 = 102 tokens > max_length 64") == \
-        _reason_kind("field 'rejected': too long: prompt 50 + rejected 20 = 70 tokens > max_length 64")
+    assert reason_kind("field 'rejected': too long: prompt 3 + rejected 99 = 102 tokens > max_length 64") == \
+        reason_kind("field 'rejected': too long: prompt 50 + rejected 20 = 70 tokens > max_length 64")
 
 
 def test_all_rejected_error():

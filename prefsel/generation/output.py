@@ -64,7 +64,7 @@ class JsonlRunOutput(RunOutput):
         """Rows, responses and reject reasons actually written (summaries count the output)."""
         from collections import Counter
 
-        from prefsel.summary import _reason_kind
+        from prefsel.summary import reason_kind
 
         rows = responses = 0
         for rec in iter_jsonl(self.fs, posixpath.join(self.dir, self.data_dir)):
@@ -73,7 +73,7 @@ class JsonlRunOutput(RunOutput):
             responses += len(r) if isinstance(r, list) else 0
         reasons: Counter = Counter()
         for rec in iter_jsonl(self.fs, posixpath.join(self.dir, "rejects")):
-            reasons[_reason_kind(str(rec.get("reason", "")))] += 1
+            reasons[reason_kind(str(rec.get("reason", "")))] += 1
         return {"rows_out": rows, "responses": responses, "rows_rejected": sum(reasons.values()),
                 "reject_reasons": dict(reasons.most_common())}
 

@@ -27,7 +27,7 @@ from prefsel.formats import RowError, detect_format, to_example
 from prefsel.jobs import ActorResources, ModelActor, flatten_responses, group_by_owner, map_actor_pool
 from prefsel.prepare import unexpected_reason
 from prefsel.sources import not_object_reason, plan_source, read_chunk, sample_records, value_problem
-from prefsel.summary import _reason_kind
+from prefsel.summary import reason_kind
 
 
 @dataclass
@@ -88,10 +88,10 @@ def load_rows(
                 row["prompt_ids"] = list(tok.prompt_ids)
                 row["response_ids"] = [list(r) for r in tok.response_ids]
             except RowError as e:
-                rejected[_reason_kind(str(e))] += 1
+                rejected[reason_kind(str(e))] += 1
                 continue
             except Exception as e:  # noqa: BLE001
-                rejected[_reason_kind(unexpected_reason(e))] += 1
+                rejected[reason_kind(unexpected_reason(e))] += 1
                 continue
             rows.append(row)
     return LoadedData(rows, fmt, rows_in, rejected)
