@@ -42,7 +42,7 @@ class ScorerArgs(BaseModel):
     tokenizer: str | None = Field(None, description="tokenizer (default: the policy's)")
     dtype: Literal[tuple(DTYPES)] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
     chat_template: str = Field("auto", description="auto, none or a template file")
-    max_length: int | None = Field(None, ge=2, description="longest prompt+response in tokens (default: none)")
+    max_length: int | None = Field(None, ge=2, description="longest prompt+response in tokens (default: the models' context)")
     truncation: Literal[TRUNCATION_MODES] = Field("reject", description="a pair over max_length: 422 or cut the prompt's left")
     beta: float = Field(DEFAULT_BETA, gt=0, le=MAX_BETA, allow_inf_nan=False,
                         description="default DPO beta (a request may send its own)")
