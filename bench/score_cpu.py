@@ -41,6 +41,14 @@ bundled arithmetic data the boundary fault does not occur (prompts end in "Answe
 start with " <number>", and the byte-level pre-tokenizer splits there), so the count is 0; the
 padding fault is the one that shows.
 
+Layouts (`--layouts`, a separate run): prefsel's own forward in its three layouts (padded
+two-pass, packed, packed + shared prompt, prefsel.packing) on a realistic length mix (prompt
+uniform in [50, 450) tokens, responses in [100, 600)), a model big enough that the forward
+dominates (hidden 256, 4 layers, 1024-token vocabulary), policy + reference; and the HPS case
+for the annotation reward model: one prompt, 16 responses. One run, so the ratios compare.
+
+    python bench/score_cpu.py --layouts              # about 3 minutes on 2 idle cores
+
 Run (defaults take about 1-2 minutes on 2 otherwise idle CPU cores; with other CPU-heavy
 processes on the machine it can take many times longer, and the timings mean little):
 
@@ -242,9 +250,15 @@ def main(argv=None) -> int:
     ap.add_argument("--tol", type=float, default=1e-4, help="gap error counted as a difference")
     ap.add_argument("--seed", type=int, default=0, help="seed of the data and the models")
     ap.add_argument("--json", metavar="OUT", help="also write all numbers to this JSON file")
+    ap.add_argument("--layouts", action="store_true", help="compare prefsel's forward layouts instead (see above)")
+    ap.add_argument("--layout-pairs", type=int, default=48, help="--layouts: pairs (default 48)")
+    ap.add_argument("--hps-prompts", type=int, default=6, help="--layouts: HPS prompts of 16 responses (default 6)")
+    ap.add_argument("--layout-hidden", type=int, default=256, help="--layouts: hidden size (default 256)")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
+    if args.layouts:
+        return run_layouts(args)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -367,6 +381,34 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)
         print(f"wrote {args.json}")
+    return 0
+
+
+def run_layouts(args) -> int:
+    """The --layouts tables: pairs under policy + reference, HPS rows under a reward model."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _layouts import make_groups, print_table, time_layouts
+
+    from prefsel.tiny import build_tiny_family
+
+    hidden, layers, vocab = args.layout_hidden, 4, 1024
+    load = os.getloadavg()[0]
+    kw = dict(hidden_size=hidden, num_layers=layers, init_std=0.02)
+    policy = build_tiny_family("llama", vocab, seed=1, **kw)
+    reference = build_tiny_family("llama", vocab, seed=2, **kw)
+    pairs = make_groups(args.layout_pairs, 2, (50, 450), (100, 600), vocab, seed=args.seed)
+    pair_rows = time_layouts([policy, reference], pairs, max_tokens=args.max_tokens, repeats=2)
+    rm = build_tiny_family("llama", vocab, seed=3, num_labels=1, **kw)
+    hps = make_groups(args.hps_prompts, 16, (50, 450), (100, 600), vocab, seed=args.seed + 1)
+    hps_rows = time_layouts([rm], hps, kind="rewards", max_tokens=args.max_tokens, repeats=2)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
+          f"Llama hidden {hidden} x {layers} layers, vocab {vocab}, fp32, sdpa; token budget {args.max_tokens}; "
+          f"load average at start {load:.2f}")
+    print_table(f"Pairs: policy + reference, {len(pairs)} pairs, prompt [50, 450), responses [100, 600) tokens", pair_rows)
+    print_table(f"HPS: reward model, {len(hps)} prompts x 16 responses", hps_rows, unit="prompts")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"pairs": pair_rows, "hps": hps_rows, "load_average": load}, f, indent=1)
     return 0
 
 

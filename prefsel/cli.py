@@ -13,6 +13,7 @@ from functools import partial
 
 from prefsel.flags import (
     add_actor_flags,
+    add_console_flags,
     add_data_flags,
     add_model_flags,
     add_output_flags,
@@ -177,26 +178,45 @@ def _available_plugins() -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from prefsel.console import LONG_COMMANDS
+
     parser = argparse.ArgumentParser(prog="prefsel", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (make, _, help_) in COMMANDS.items():
-        make(sub.add_parser(name, help=help_, description=help_))
+        make(sp := sub.add_parser(name, help=help_, description=help_))
+        if name in LONG_COMMANDS:
+            _add_console_flags(sp)
     for name in _available_plugins():
         module = _plugin(name)
         if hasattr(module, "add_arguments"):
             help_ = PLUGIN_COMMANDS[name][1]
-            module.add_arguments(sub.add_parser(name, help=help_, description=help_))
+            module.add_arguments(sp := sub.add_parser(name, help=help_, description=help_))
+            if name in LONG_COMMANDS:
+                _add_console_flags(sp)
     return parser
 
 
+def _add_console_flags(p: argparse.ArgumentParser) -> None:
+    """--verbose on a command, or on each of its subcommands (`prefsel train dpo --verbose`)."""
+    subs = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        add_console_flags(p)
+    for a in subs:
+        for leaf in a.choices.values():
+            _add_console_flags(leaf)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from prefsel import console
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        if args.command in COMMANDS:
-            COMMANDS[args.command][1](args)
-        else:
-            _plugin(args.command).run(args)
+        with console.session(args.command, getattr(args, "output", None), getattr(args, "verbose", False)):
+            if args.command in COMMANDS:
+                COMMANDS[args.command][1](args)
+            else:
+                _plugin(args.command).run(args)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"prefsel {args.command}: error: {flag_error(str(e), parser)}", file=sys.stderr)
         return 2

@@ -15,6 +15,7 @@ import re
 from typing import Any
 
 from prefsel.formats import FORMATS
+from prefsel.packing import ATTN_CHOICES
 
 
 def default_of(cls: type, name: str) -> Any:
@@ -55,7 +56,11 @@ def add_model_flags(p: argparse.ArgumentParser, cfg: type, *, roles: tuple[str, 
         g.add_argument("--dtype", default=default_of(cfg, "dtype"),
                        help=_help("auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32", default_of(cfg, "dtype")))
     if "attn_implementation" in names:
-        g.add_argument("--attn-implementation", default=None, help="sdpa, eager, flash_attention_2")
+        g.add_argument("--attn", "--attn-implementation", dest="attn_implementation", choices=ATTN_CHOICES,
+                       default=default_of(cfg, "attn_implementation"),
+                       help=_help("attention backend the models load with; packed rows get the mask it needs "
+                                  "(auto: sdpa where the model supports it, else eager)",
+                                  default_of(cfg, "attn_implementation")))
     g.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub")
 
 
@@ -103,9 +108,24 @@ def add_scoring_flags(p: argparse.ArgumentParser, cfg: type) -> None:
     g = p.add_argument_group("scoring")
     g.add_argument("--beta", type=float, default=default_of(cfg, "scoring.beta"),
                    help=_help("implicit reward scale (selection paper)", default_of(cfg, "scoring.beta")))
-    g.add_argument("--max-tokens-per-batch", type=int, default=default_of(cfg, "scoring.max_tokens_per_batch"),
-                   help=_help("padded tokens per forward", default_of(cfg, "scoring.max_tokens_per_batch")))
-    g.add_argument("--padding-side", default=default_of(cfg, "scoring.padding_side"), choices=["left", "right"])
+    add_layout_flags(g, cfg, "scoring.", "max_tokens_per_batch")
+    g.add_argument("--padding-side", default=default_of(cfg, "scoring.padding_side"), choices=["left", "right"],
+                   help="where pads go (--no-packing; packed rows pad at their tail)")
+
+
+def add_layout_flags(g, cfg: type, prefix: str = "", budget_field: str | None = None) -> None:
+    """How sequences are laid out for the forward (prefsel.packing): packing, prompt sharing, the
+    token budget of one forward. `prefix` is the nested config's dotted path ("scoring.")."""
+    if budget_field:
+        g.add_argument("--max-tokens-per-batch", dest=budget_field.rpartition(".")[2], type=int,
+                       default=default_of(cfg, prefix + budget_field),
+                       help=_help("token slots (rows x row width, pads included) per forward",
+                                  default_of(cfg, prefix + budget_field)))
+    g.add_argument("--no-packing", dest="packing", action="store_false", default=default_of(cfg, prefix + "packing"),
+                   help="one sequence per padded row (default: several sequences per row, no pads inside)")
+    g.add_argument("--no-share-prompt", dest="share_prompt", action="store_false",
+                   default=default_of(cfg, prefix + "share_prompt"),
+                   help="run the prompt once per response (default: once per row, its responses in one segment)")
 
 
 def add_actor_flags(p: argparse.ArgumentParser, cfg: type) -> None:
@@ -124,6 +144,14 @@ def add_actor_flags(p: argparse.ArgumentParser, cfg: type) -> None:
 def add_output_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", required=True, help="output folder or s3:// URI")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+
+
+def add_console_flags(p: argparse.ArgumentParser) -> None:
+    """What a long command prints (prefsel.console): stages, results and warnings; --verbose adds
+    Ray's INFO lines, workers' output and library reports (always in OUTPUT/prefsel.log)."""
+    p.add_argument("--verbose", "-v", action="store_true",
+                   help="print Ray's and the libraries' INFO lines and workers' output too "
+                        "(default: they go to OUTPUT/prefsel.log)")
 
 
 def config_from_args(cls: type, args: argparse.Namespace | dict, **overrides: Any):

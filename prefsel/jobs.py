@@ -24,6 +24,7 @@ Arrow columns and convert to Python only what they compute on.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import socket
@@ -46,8 +47,12 @@ JobRows = Callable[[Chunk, list[RawRow]], pa.Table]
 
 
 def init_ray(num_cpus: int | None = None) -> None:
-    """Join the cluster in RAY_ADDRESS, or start a local Ray on demand."""
+    """Join the cluster in RAY_ADDRESS, or start a local Ray on demand, reachable from this
+    machine only (`local_ray_loopback`). Workers' output reaches this process (log_to_driver);
+    prefsel.console decides what of it the console shows."""
     import ray
+
+    from prefsel import console
 
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
@@ -56,7 +61,31 @@ def init_ray(num_cpus: int | None = None) -> None:
         else:
             # Keep Ray's dashboard: it serves the State API, which Ray Train V2's placement-group
             # cleaner polls (without it: a warning every few seconds and no cleanup).
-            ray.init(num_cpus=num_cpus, log_to_driver=True)
+            with local_ray_loopback():
+                ray.init(num_cpus=num_cpus, log_to_driver=True)
+    console.on_ray_init()
+
+
+@contextlib.contextmanager
+def local_ray_loopback():
+    """Start a local Ray whose processes listen on 127.0.0.1 only, not on every interface.
+
+    Ray 2.60 turns a node IP of 127.0.0.1 given to ray.init (`_node_ip_address`) or `ray start`
+    back into the machine's outward address; only its local-only mode keeps the loopback: with
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (read by ray._private.ray_constants.ENABLE_RAY_CLUSTER,
+    which is how Ray runs on macOS and Windows) the node IP is 127.0.0.1, so the GCS, the raylet
+    (node and object managers), every worker's gRPC server, the dashboard, its agent and the
+    runtime-env agent all bind 127.0.0.1 (tests/test_local_ray.py checks each listening socket).
+    The constant is read when ray is imported, so it is set here for the start only and put back
+    (a process-wide side effect on later `ray start` calls would refuse to start a cluster)."""
+    from ray._private import ray_constants
+
+    before = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before
 
 
 # ---- what determines a run's output ----------------------------------------------------------------
@@ -247,6 +276,9 @@ class ModelActor:
     inputs: tuple[str, ...] = ()
     consumed: tuple[str, ...] | None = None  # None: the inputs
     results: pa.Schema = pa.schema([])
+    # a prefsel.packing.ForwardStats that `process` accumulates into (one model's forwards); each
+    # call's counts ride on its first row in FORWARD_COLUMNS, summed and dropped by ChunkCollector
+    forward_stats = None
 
     def __init__(self, resources: ActorResources) -> None:
         import torch
@@ -255,7 +287,7 @@ class ModelActor:
 
         if resources.cpus_per_actor >= 1 and resources.gpus_per_actor == 0:
             torch.set_num_threads(int(resources.cpus_per_actor))
-        self.device = resolve_device("cuda" if resources.gpus_per_actor > 0 else "cpu")
+        self.device = resolve_device("auto" if resources.gpus_per_actor > 0 else "cpu")  # a GPU node without CUDA (simulated) runs on CPU
         self.actor_id = f"{socket.gethostname()}:{os.getpid()}"
 
     def process(self, rows: list[dict]) -> list[dict]:
@@ -280,7 +312,16 @@ class ModelActor:
                                          pa.array([v if v is not None else o for v, o in zip(values, old)], pa.string()))
             else:
                 table = table.append_column(f, pa.array(values, f.type))
-        return table.append_column("actor", pa.array([self.actor_id] * n, pa.string()))
+        table = table.append_column("actor", pa.array([self.actor_id] * n, pa.string()))
+        if self.forward_stats is not None:
+            counts = self.forward_stats.take()
+            for col, f in FORWARD_COLUMNS.items():
+                table = table.append_column(col, pa.array([getattr(counts, f)] + [0] * (n - 1), pa.int64()))
+        return table
+
+
+FORWARD_COLUMNS = {"fwd_sequences": "sequences", "fwd_tokens": "tokens", "fwd_slots": "slots",
+                   "fwd_two_pass": "padded_two_pass", "fwd_forwards": "forwards"}
 
 
 # ---- the driver ---------------------------------------------------------------------------------
@@ -299,6 +340,7 @@ class ChunkCollector:
         self.rows_per_actor: Counter = Counter()
         self.writes: list[tuple[float, int]] = []  # (seconds since start, rows) of each written chunk
         self.t0 = time.time()
+        self.forward: dict[str, int] = {}  # ModelActor.forward_stats summed over every call
 
     @property
     def first_write_s(self) -> float | None:
@@ -318,6 +360,10 @@ class ChunkCollector:
             usable = table.filter(pc.is_null(table["reason"])) if "reason" in table.column_names else table
             for actor, count in zip(*pc.value_counts(usable["actor"]).flatten()):
                 self.rows_per_actor[actor.as_py()] += count.as_py()
+        if "fwd_tokens" in table.column_names:
+            for col, f in FORWARD_COLUMNS.items():
+                self.forward[f] = self.forward.get(f, 0) + pc.sum(table[col]).as_py()
+            table = table.drop_columns(list(FORWARD_COLUMNS))
         for cid in pc.unique(table["chunk_id"]).to_pylist():
             part = table.filter(pc.equal(table["chunk_id"], cid))
             self.pending.setdefault(cid, []).append(part)
@@ -326,6 +372,17 @@ class ChunkCollector:
                 whole = pa.concat_tables(self.pending.pop(cid)).sort_by("row_id")
                 self.write(cid, whole)
                 self.writes.append((time.time() - self.t0, whole.num_rows))
+
+    def forward_summary(self, layout, attn: str | None) -> dict | None:
+        """Per model (all forward the same batches): tokens forwarded, the slots a padded
+        two-pass layout would have used, the saving and the pad fraction, with the layout
+        (a prefsel.packing.Layout) and attention backend that produced them."""
+        if not self.forward:
+            return None
+        from prefsel.packing import ForwardStats
+
+        return {"packing": layout.packing, "share_prompt": layout.shares, "attn": attn,
+                **ForwardStats(**self.forward).as_dict()}
 
     def check_done(self) -> None:
         if self.pending:
@@ -351,20 +408,8 @@ def map_actor_pool(ds, actor_cls: type, actor_kwargs: dict[str, Any], resources:
     )
 
 
-def flatten_responses(rows: list[dict]) -> tuple[list, list, list[int]]:
-    """(prompts, responses, owner): one (prompt_ids, response_ids) per response of each row,
-    `owner[j]` the index of the row response j belongs to."""
-    prompts, responses, owner = [], [], []
-    for i, r in enumerate(rows):
-        for resp in r["response_ids"]:
-            prompts.append(r["prompt_ids"])
-            responses.append(resp)
-            owner.append(i)
-    return prompts, responses, owner
-
-
 def group_by_owner(owner: list[int], values: list[float], n: int) -> list[list[float]]:
-    """The inverse of flatten_responses: per row, its responses' values in order."""
+    """Flat per-response values -> per row, its responses' values in order (`owner[j]`: the row of value j)."""
     out: list[list[float]] = [[] for _ in range(n)]
     for i, v in zip(owner, values):
         out[i].append(float(v))

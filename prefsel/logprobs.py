@@ -5,18 +5,17 @@ endpoint, the trainers and the reward-model annotation, so they can never disagr
 
 - `backbone_and_head` finds the backbone and the head of a causal LM (its output embedding) or
   of a sequence classifier (`score`, `classifier`, `v_head`, ...), peft wrappers unwrapped;
-- `hidden_states` runs the backbone with positions from the attention mask, so left padding
-  does not shift them;
-- `response_logprobs` reads summed response log-probs: the LM head only at response positions
-  and in chunks, log-softmax in float32 whatever dtype the model is in, sums in float64, so it
-  never holds a [tokens x vocab] float32 tensor for the whole batch (nor logits for prompt
-  tokens). Pads never enter the sum: only positions marked in `response_mask` are gathered;
-- `sequence_rewards` reads a sequence classifier's scalar at each row's LAST REAL token, found
-  from the attention mask (transformers' own pooling looks for the last token that is not
-  `pad_token_id`; when pad == EOS and a sequence ends with EOS, that is the token before it).
-
-Collation (`collate_sequences`) and the token-budget batch plan (`plan_token_batches`,
-`map_token_batches`) live here too: every caller batches sequences the same way.
+- `batch_logprobs` reads summed response log-probs of a `TokenBatch` (prefsel.packing: padded,
+  packed, or packed with shared prompts): the backbone runs with the batch's own positions and
+  mask, then the LM head only at the states that predict response tokens, in chunks,
+  log-softmax in float32 whatever dtype the model is in, sums in float64, so it never holds a
+  [tokens x vocab] float32 tensor for the whole batch (nor logits for prompt tokens);
+- `batch_rewards` reads a sequence classifier's scalar at each sequence's LAST REAL token
+  (transformers' own pooling looks for the last token that is not `pad_token_id`; when
+  pad == EOS and a sequence ends with EOS, that is the token before it);
+- `map_groups` runs functions of a TokenBatch over (prompt, responses) groups, batched by the
+  layout's token budget, every function on the same batches (policy and reference see
+  identical tensors); `response_logprobs` / `sequence_rewards` take padded tensors.
 """
 
 from __future__ import annotations
@@ -25,8 +24,18 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from prefsel.packing import (
+    DEFAULT_MAX_TOKENS_PER_BATCH,
+    ForwardStats,
+    Group,
+    Layout,
+    TokenBatch,
+    plan_batches,
+)
+
+__all__ = ["DEFAULT_MAX_TOKENS_PER_BATCH", "DEFAULT_CHUNK_TOKENS", "Layout", "TokenBatch", "ForwardStats"]
+
 DEFAULT_CHUNK_TOKENS = 1024  # LM-head rows per float32 logits chunk
-DEFAULT_MAX_TOKENS_PER_BATCH = 16384  # padded tokens per forward (rows x longest)
 
 
 def unwrap_adapters(model: torch.nn.Module) -> torch.nn.Module:
@@ -58,15 +67,27 @@ def backbone_and_head(model: torch.nn.Module, kind: str = "lm") -> tuple[torch.n
     return backbone, head
 
 
-def hidden_states(backbone: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """[B, T, H] last hidden states, positions counted over real tokens only."""
+def batch_hidden_states(model: torch.nn.Module, backbone: torch.nn.Module, batch: TokenBatch) -> torch.Tensor:
+    """[B * W, H] last hidden states of a TokenBatch, flattened so its flat indices read them."""
+    dtype = _activation_dtype(backbone)  # an additive mask must match the attention's dtype
     out = backbone(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask_for(unwrap_adapters(model).config, dtype),
+        position_ids=batch.position_ids,
         use_cache=False,
     )
-    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    return hidden.flatten(0, 1)
+
+
+def _activation_dtype(backbone: torch.nn.Module) -> torch.dtype:
+    """The dtype the backbone computes in: its input embeddings' (quantized weights elsewhere
+    are not), or the first floating parameter's."""
+    emb = backbone.get_input_embeddings() if hasattr(backbone, "get_input_embeddings") else None
+    weight = getattr(emb, "weight", None)
+    if weight is not None and weight.is_floating_point():
+        return weight.dtype
+    return next((p.dtype for p in backbone.parameters() if p.is_floating_point()), torch.float32)
 
 
 def _postprocess_logits(model, logits: torch.Tensor) -> torch.Tensor:
@@ -89,6 +110,63 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def batch_logprobs(
+    model: torch.nn.Module,
+    batch: TokenBatch,
+    *,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    sum_dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """Sum of log p(token | prefix) over each sequence's response tokens: [S] in `sum_dtype`
+    (float64 by default, so long responses do not lose digits), in the batch's sequence order.
+    Gradients flow through it for training."""
+    backbone, head = backbone_and_head(model, "lm")
+    hidden = batch_hidden_states(model, backbone, batch)
+    states = hidden[batch.target_index]
+    targets = batch.target_ids
+    token_logps = []
+    for start in range(0, states.shape[0], chunk_tokens):
+        logits = head(states[start : start + chunk_tokens]).float()
+        logits = _postprocess_logits(model, logits)
+        tgt = targets[start : start + chunk_tokens]
+        token_logps.append(logits.gather(-1, tgt[:, None]).squeeze(-1) - logits.logsumexp(-1))
+    sums = torch.zeros(batch.num_sequences, dtype=sum_dtype, device=hidden.device)
+    if token_logps:
+        sums = sums.index_add(0, batch.target_seq, torch.cat(token_logps).to(sum_dtype))
+    return sums
+
+
+def batch_rewards(model: torch.nn.Module, batch: TokenBatch) -> torch.Tensor:
+    """[S] float32 reward of each sequence: the classifier head at its last real token.
+    Gradients flow through it for reward-model training."""
+    backbone, head = backbone_and_head(model, "reward")
+    hidden = batch_hidden_states(model, backbone, batch)
+    return head(hidden[batch.last_index]).float()[:, 0]
+
+
+def padded_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 response_mask: torch.Tensor | None = None) -> TokenBatch:
+    """A TokenBatch of padded rows (any padding side): one sequence per row, its response tokens
+    marked in `response_mask`; a sequence's first token is never scored (it has no prefix)."""
+    if input_ids.shape != attention_mask.shape or (response_mask is not None and input_ids.shape != response_mask.shape):
+        raise ValueError("input_ids, attention_mask and response_mask must have the same shape")
+    b, w = input_ids.shape
+    attn = attention_mask.bool()
+    resp = response_mask.bool() if response_mask is not None else torch.zeros_like(attn)
+    target = resp[:, 1:] & attn[:, 1:] & attn[:, :-1]  # a sequence's first token has no prefix, pads before it
+    rows, cols = target.nonzero(as_tuple=True)
+    last = w - 1 - attn.flip(-1).long().argmax(-1)
+    row_ids = torch.arange(b, device=input_ids.device)
+    return TokenBatch(
+        input_ids=input_ids, position_ids=position_ids_from_mask(attention_mask),
+        segment=torch.where(attn, row_ids[:, None], torch.full_like(input_ids, -1)),
+        branch=torch.zeros_like(input_ids), padded=True,
+        target_index=rows * w + cols, target_ids=input_ids[rows, cols + 1], target_seq=rows,
+        last_index=row_ids * w + last, sequence_ids=list(range(b)),
+        stats=ForwardStats(sequences=b, tokens=int(attn.sum()), slots=b * w, forwards=1),
+    )
+
+
 def response_logprobs(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -98,43 +176,14 @@ def response_logprobs(
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     sum_dtype: torch.dtype = torch.float64,
 ) -> torch.Tensor:
-    """Sum of log p(token | prefix) over the tokens marked in `response_mask`, per row.
-
-    input_ids, attention_mask, response_mask: [B, T]; the first token of a row can never be
-    scored (it has no prefix). Returns [B] in `sum_dtype` (float64 by default, so the sum over
-    long responses does not lose digits; gradients flow through it for training).
-    """
-    if input_ids.shape != attention_mask.shape or input_ids.shape != response_mask.shape:
-        raise ValueError("input_ids, attention_mask and response_mask must have the same shape")
-    backbone, head = backbone_and_head(model, "lm")
-    hidden = hidden_states(backbone, input_ids, attention_mask)
-    # Token t is predicted from the hidden state at t-1.
-    target_mask = (response_mask[:, 1:] & attention_mask[:, 1:].bool())
-    rows, cols = target_mask.nonzero(as_tuple=True)
-    targets = input_ids[:, 1:][rows, cols]
-    states = hidden[:, :-1][rows, cols]
-    token_logps = []
-    for start in range(0, states.shape[0], chunk_tokens):
-        logits = head(states[start : start + chunk_tokens]).float()
-        logits = _postprocess_logits(model, logits)
-        tgt = targets[start : start + chunk_tokens]
-        token_logps.append(logits.gather(-1, tgt[:, None]).squeeze(-1) - logits.logsumexp(-1))
-    sums = torch.zeros(input_ids.shape[0], dtype=sum_dtype, device=input_ids.device)
-    if token_logps:
-        sums = sums.index_add(0, rows, torch.cat(token_logps).to(sum_dtype))
-    return sums
+    """`batch_logprobs` of padded rows ([B, T] tensors): [B]."""
+    return batch_logprobs(model, padded_batch(input_ids, attention_mask, response_mask),
+                          chunk_tokens=chunk_tokens, sum_dtype=sum_dtype)
 
 
 def sequence_rewards(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """[B] float32 reward of each row: the classifier head at the row's last real token.
-
-    Any padding side; gradients flow through it for reward-model training.
-    """
-    backbone, head = backbone_and_head(model, "reward")
-    hidden = hidden_states(backbone, input_ids, attention_mask)
-    last = attention_mask.shape[1] - 1 - attention_mask.flip(-1).long().argmax(-1)
-    rows = torch.arange(input_ids.shape[0], device=input_ids.device)
-    return head(hidden[rows, last]).float()[:, 0]
+    """`batch_rewards` of padded rows ([B, T] tensors), any padding side: [B]."""
+    return batch_rewards(model, padded_batch(input_ids, attention_mask))
 
 
 def collate_sequences(
@@ -164,51 +213,24 @@ def collate_sequences(
     return ids, attn, resp
 
 
-def plan_token_batches(
-    lengths: Sequence[int], max_tokens: int, max_batch_size: int | None = None
-) -> list[list[int]]:
-    """Group sequence indices into batches whose padded size (rows x longest) fits `max_tokens`.
-
-    Sorted by length (longest first) so batch-mates have similar lengths and little padding;
-    a sequence longer than the budget gets a batch of its own. Deterministic for given lengths.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    batches: list[list[int]] = []
-    cur: list[int] = []
-    for i in order:
-        width = lengths[cur[0]] if cur else lengths[i]
-        full = max_batch_size is not None and len(cur) >= max_batch_size
-        if cur and ((len(cur) + 1) * width > max_tokens or full):
-            batches.append(cur)
-            cur = []
-        cur.append(i)
-    if cur:
-        batches.append(cur)
-    return batches
-
-
-def map_token_batches(
-    fns: Sequence[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]],
-    prompts: Sequence[Sequence[int]],
-    responses: Sequence[Sequence[int]],
+def map_groups(
+    fns: Sequence[Callable[[TokenBatch], torch.Tensor]],
+    groups: Sequence[Group],
     pad_token_id: int,
+    layout: Layout,
     *,
-    max_tokens: int,
-    max_batch_size: int | None = None,
-    padding_side: str = "right",
     device: torch.device | str | None = None,
+    stats: ForwardStats | None = None,
 ) -> list[list[float]]:
-    """Apply each `fn(input_ids, attention_mask, response_mask) -> [B]` to every
-    (prompt, response) sequence, batched by `plan_token_batches`; one list of floats per fn, in
-    input order. Every fn forwards the same batches (policy and reference see identical tensors).
-    """
-    lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
-    out = [[0.0] * len(lengths) for _ in fns]
-    for batch in plan_token_batches(lengths, max_tokens, max_batch_size):
-        ids, attn, resp = collate_sequences(
-            [prompts[i] for i in batch], [responses[i] for i in batch], pad_token_id, padding_side, device
-        )
+    """Apply each `fn(batch) -> [S]` to every sequence of `groups` ((prompt, responses) pairs):
+    one flat list of floats per fn, in (group, response) order. Every fn forwards the same
+    batches; `stats` (if given) accumulates one model's token accounting."""
+    total = sum(len(rs) for _, rs in groups)
+    out = [[0.0] * total for _ in fns]
+    for batch in plan_batches(groups, pad_token_id, layout, device):
         for m, fn in enumerate(fns):
-            for j, v in zip(batch, fn(ids, attn, resp).tolist()):
+            for j, v in zip(batch.sequence_ids, fn(batch).tolist()):
                 out[m][j] = float(v)
+        if stats is not None:
+            stats.add(batch.stats)
     return out

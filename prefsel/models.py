@@ -56,10 +56,12 @@ def load_causal_lm(
     """An eval-mode causal LM on `device`, weights in `dtype`, gradients off."""
     from transformers import AutoModelForCausalLM
 
+    from prefsel.packing import resolve_attn
+
     dev = resolve_device(device)
     kwargs = {}
     if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
+        kwargs["attn_implementation"] = resolve_attn(attn_implementation)
     model = AutoModelForCausalLM.from_pretrained(
         name_or_path,
         dtype=resolve_dtype(dtype, dev),

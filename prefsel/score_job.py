@@ -53,7 +53,7 @@ class ScoreJobConfig(JobConfig):
     truncation: str = "reject"
     strip_responses: bool = True  # chat responses lose outer whitespace (TRL keeps it)
     exact_continuation: bool = True  # responses tokenized as the rendered text's continuation
-    attn_implementation: str | None = None
+    attn_implementation: str = "auto"
     allow_all_rejected: bool = False  # a run that scores no row is a failure unless this is set
     scoring: ScoreConfig = field(default_factory=ScoreConfig)
     resources: ActorResources = field(default_factory=ActorResources)
@@ -133,6 +133,7 @@ class ScoreActor(ModelActor):
         reference = load_causal_lm(cfg.reference, **kw)
         check_same_vocab(load_tokenizer(cfg.tokenizer_path, trust_remote_code=cfg.trust_remote_code), policy, reference)
         self.scorer = PairScorer(policy, reference, pad_token_id, cfg.scoring, self.device)
+        self.forward_stats = self.scorer.stats
 
     def process(self, rows: list[dict]) -> list[dict]:
         from prefsel.tokenization import TokenizedExample
@@ -199,6 +200,7 @@ def run_score(cfg: ScoreJobConfig) -> dict:
     summary["source_kind"] = plan.kind
     summary["rendering_note"] = rendering_note(fmt, cfg.tokenizer_spec.load(tok), sample[0] if sample else None)
     summary["rows_per_actor"] = dict(collector.rows_per_actor)
+    summary["forward"] = collector.forward_summary(cfg.scoring.layout, cfg.attn_implementation)
     summary["startup_s"] = None if collector.first_write_s is None else round(collector.first_write_s, 2)
     steady = collector.steady_rows_per_s()
     summary["steady_rows_per_s"] = None if steady is None else round(steady, 1)

@@ -1,9 +1,11 @@
 """Pair scoring with a policy and a reference model: token-budget batches, both models, gaps.
 
 Pure torch (no Ray): the Ray Data actor, the Serve deployment and the benchmarks call this.
-A pair's score depends only on its own tokens: chosen and rejected sequences from all pairs
-are pooled, sorted by length and cut into batches by a token budget; pads are masked and never
-summed, so batch-mates, batch size and padding side change nothing (up to float rounding).
+A pair's score depends only on its own tokens: each pair is one group (prompt, [chosen,
+rejected]) laid out by prefsel.packing (by default packed, the prompt run once for both
+responses), groups pooled, sorted by length and cut into forwards by a token budget; attention
+never crosses sequences and pads are never summed, so batch-mates, batch size, layout and
+padding side change nothing (up to float rounding).
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from functools import partial
 import torch
 
 from prefsel.gap import DEFAULT_BETA, reward_gap
-from prefsel.logprobs import DEFAULT_CHUNK_TOKENS, DEFAULT_MAX_TOKENS_PER_BATCH, map_token_batches, response_logprobs
+from prefsel.logprobs import DEFAULT_CHUNK_TOKENS, batch_logprobs, map_groups
+from prefsel.packing import DEFAULT_MAX_TOKENS_PER_BATCH, ForwardStats, Group, Layout
 from prefsel.tokenization import TokenizedExample
 
 SCORE_COLUMNS = (
@@ -35,39 +38,54 @@ SCORE_COLUMNS = (
 
 @dataclass(frozen=True)
 class ScoreConfig:
-    """How pairs are scored. Defaults follow the selection paper (beta 0.1)."""
+    """How pairs are scored. Defaults follow the selection paper (beta 0.1); sequences packed,
+    each pair's prompt run once for both responses (prefsel.packing)."""
 
     beta: float = DEFAULT_BETA
     max_tokens_per_batch: int = DEFAULT_MAX_TOKENS_PER_BATCH
     max_batch_size: int | None = None
     padding_side: str = "right"
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+    packing: bool = True
+    share_prompt: bool = True
 
     def __post_init__(self) -> None:
         if not (self.beta > 0 and math.isfinite(self.beta)):
             raise ValueError(f"beta: must be a positive number, got {self.beta}")
-        if self.max_tokens_per_batch < 1:
-            raise ValueError("max_tokens_per_batch: must be positive")
-        if self.padding_side not in ("left", "right"):
-            raise ValueError("padding_side: must be 'left' or 'right'")
+        self.layout  # validates the layout fields
+
+    @property
+    def layout(self) -> Layout:
+        return Layout(packing=self.packing, share_prompt=self.share_prompt, padding_side=self.padding_side,
+                      max_tokens=self.max_tokens_per_batch, max_rows=self.max_batch_size)
+
+
+def layout_for(models: Sequence[torch.nn.Module], layout: Layout) -> Layout:
+    """`layout` as the models' attention backends can run it (see Layout.for_attention)."""
+    for m in models:
+        layout = layout.for_attention(getattr(m.config, "_attn_implementation", None), hidden_size(m))
+    return layout
+
+
+def hidden_size(model: torch.nn.Module) -> int | None:
+    cfg = model.config
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    return getattr(cfg, "hidden_size", None)
 
 
 @torch.inference_mode()
-def sequences_logprobs(
+def groups_logprobs(
     models: Sequence[torch.nn.Module],
-    prompts: Sequence[Sequence[int]],
-    responses: Sequence[Sequence[int]],
+    groups: Sequence[Group],
     pad_token_id: int,
     config: ScoreConfig,
     device: torch.device | str | None = None,
+    stats: ForwardStats | None = None,
 ) -> list[list[float]]:
-    """Summed response log-probs of each (prompt, response) under each model.
-
-    Every model forwards the same token-budget batch. Returns one list of floats per model.
-    """
-    fns = [partial(response_logprobs, m, chunk_tokens=config.chunk_tokens) for m in models]
-    return map_token_batches(fns, prompts, responses, pad_token_id, max_tokens=config.max_tokens_per_batch,
-                             max_batch_size=config.max_batch_size, padding_side=config.padding_side, device=device)
+    """Summed response log-probs of every (prompt, response) of `groups` under each model, in
+    (group, response) order. Every model forwards the same batches. One list per model."""
+    fns = [partial(batch_logprobs, m, chunk_tokens=config.chunk_tokens) for m in models]
+    return map_groups(fns, groups, pad_token_id, layout_for(models, config.layout), device=device, stats=stats)
 
 
 # (chosen_logp, rejected_logp, chosen_ref_logp, rejected_ref_logp) of one pair
@@ -108,6 +126,7 @@ class PairScorer:
         self.pad_token_id = pad_token_id
         self.config = config or ScoreConfig()
         self.device = device
+        self.stats = ForwardStats()  # token accounting, per model, since construction
 
     def logprobs(self, pairs: Sequence[TokenizedExample]) -> list[PairLogprobs]:
         """(chosen_logp, rejected_logp, chosen_ref_logp, rejected_ref_logp) per pair, in input order.
@@ -117,13 +136,9 @@ class PairScorer:
         """
         if not pairs:
             return []
-        prompts, responses = [], []
-        for p in pairs:
-            prompts += [p.prompt_ids, p.prompt_ids]
-            responses += [p.chosen_ids, p.rejected_ids]
-        pol, ref = sequences_logprobs(
-            [self.policy, self.reference], prompts, responses, self.pad_token_id, self.config, self.device
-        )
+        groups = [(p.prompt_ids, (p.chosen_ids, p.rejected_ids)) for p in pairs]
+        pol, ref = groups_logprobs([self.policy, self.reference], groups, self.pad_token_id, self.config,
+                                   self.device, self.stats)
         return [(pol[2 * k], pol[2 * k + 1], ref[2 * k], ref[2 * k + 1]) for k in range(len(pairs))]
 
     def score(self, pairs: Sequence[TokenizedExample], beta: float | None = None) -> list[dict]:

@@ -128,6 +128,47 @@ def build_tiny_llama(
     return model.eval()
 
 
+# Families whose attention or positions differ: plain causal (Llama), Qwen2 (q/k/v biases,
+# per-layer types), Mistral (one sliding window for every layer), Gemma 2 (alternating sliding
+# and full layers, attention and final-logit soft-capping, scaled embeddings).
+TINY_FAMILIES = ("llama", "qwen2", "mistral", "gemma2")
+
+
+def build_tiny_family(family: str, vocab_size: int, *, seed: int = 0, num_labels: int | None = None,
+                      sliding_window: int = 6, hidden_size: int = 32, num_layers: int = 2,
+                      init_std: float = 0.2, attn_implementation: str | None = None):
+    """A tiny randomly initialised model of `family` (TINY_FAMILIES); sliding windows short
+    enough that test sequences cross them. With `num_labels`: a sequence classifier."""
+    import transformers as tf
+
+    common = dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                  num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=1024, tie_word_embeddings=False,
+                  **({"num_labels": num_labels} if num_labels is not None else {}))
+    if family == "llama":
+        cfg = tf.LlamaConfig(**common)
+    elif family == "qwen2":
+        cfg = tf.Qwen2Config(**common)
+    elif family == "mistral":
+        cfg = tf.MistralConfig(**common, sliding_window=sliding_window)
+    elif family == "gemma2":
+        cfg = tf.Gemma2Config(**common, head_dim=hidden_size // 4, sliding_window=sliding_window,
+                              attn_logit_softcapping=5.0, final_logit_softcapping=3.0)
+    else:
+        raise ValueError(f"family must be one of {TINY_FAMILIES}, got {family!r}")
+    if attn_implementation:
+        cfg._attn_implementation = attn_implementation
+    kind = "ForCausalLM" if num_labels is None else "ForSequenceClassification"
+    cls = getattr(tf, type(cfg).__name__.replace("Config", kind))
+    torch.manual_seed(seed)
+    model = cls(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, init_std)
+    return model.eval()
+
+
 def build_tiny_pair(
     out_dir: str | os.PathLike,
     texts: Iterable[str] | None = None,

@@ -224,14 +224,16 @@ def load_scorer(args: ScorerArgs):
     from prefsel.tokenization import PairTokenizer
 
     dev = resolve_device(args.device)
-    kw = dict(dtype=args.dtype, device=str(dev), trust_remote_code=args.trust_remote_code)
+    kw = dict(dtype=args.dtype, device=str(dev), trust_remote_code=args.trust_remote_code,
+              attn_implementation=args.attn)
     pol = load_causal_lm(args.policy, **kw)
     ref = load_causal_lm(args.reference, **kw)
     tok = load_tokenizer(args.tokenizer or args.policy, trust_remote_code=args.trust_remote_code)
     check_same_vocab(tok, pol, ref)
     max_length = args.max_length if args.max_length is not None else model_context_length(tok, [pol, ref])
     pair_tokenizer = PairTokenizer(tok, args.chat_template, max_length, args.truncation)
-    config = ScoreConfig(beta=args.beta, max_tokens_per_batch=args.max_tokens_per_batch)
+    config = ScoreConfig(beta=args.beta, max_tokens_per_batch=args.max_tokens_per_batch, packing=args.packing,
+                         share_prompt=args.share_prompt)
     return pair_tokenizer, PairScorer(pol, ref, tok.pad_token_id, config, dev), max_length
 
 

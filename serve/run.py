@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from prefsel.gap import DEFAULT_BETA
 from prefsel.models import DTYPES
+from prefsel.packing import ATTN_CHOICES
 from prefsel.scoring import ScoreConfig
 from prefsel.tokenization import TRUNCATION_MODES
 
@@ -55,7 +56,13 @@ class ScorerArgs(BaseModel):
                                    "environment variable PREFSEL_AUTH_TOKEN (a flag shows in ps)")
     max_batch_size: int = Field(16, ge=1, description="requests merged into one scorer call")
     batch_wait_timeout_s: float = Field(0.01, ge=0, description="how long a batch waits to fill")
-    max_tokens_per_batch: int = Field(ScoreConfig.max_tokens_per_batch, ge=1, description="token budget of one forward")
+    max_tokens_per_batch: int = Field(ScoreConfig.max_tokens_per_batch, ge=1,
+                                      description="token slots (rows x row width) of one forward")
+    attn: Literal[ATTN_CHOICES] = Field("auto", description="attention backend the models load with "
+                                        "(auto: sdpa where supported, else eager)")
+    packing: bool = Field(ScoreConfig.packing, description="several sequences per forward row, no pads inside")
+    share_prompt: bool = Field(ScoreConfig.share_prompt,
+                               description="a pair's prompt runs once for both responses (needs packing)")
     trust_remote_code: bool = Field(False, description="let transformers run the model repository's code")
     device: str | None = Field(None, description="torch device (default: the visible GPU, else cpu)")
 

@@ -1,6 +1,7 @@
-"""`prefsel demo --quick` end to end on the local Ray (CPU): the table's shape and loadable models.
+"""`prefsel demo --quick` end to end on the local Ray (CPU): the table's shape, loadable models, and
+what the console shows (the command as a user runs it, in a subprocess with its own local Ray).
 
-One run for the whole file (a few minutes on 2 shared cores: ~10 short Ray Train runs).
+One run for the whole file (a few minutes on 2 shared cores: 14 short Ray Train runs).
 """
 
 from __future__ import annotations
@@ -8,20 +9,50 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 
 from prefsel.demo.methods import METHODS, METRICS
 
+MAX_CONSOLE_LINES = 40
+
 
 @pytest.fixture(scope="module")
-def quick_demo(tmp_path_factory):
-    from prefsel.cli import main
-
+def quick_demo_run(tmp_path_factory):
+    """(output folder, results.json, what the command printed: stdout and stderr together)."""
     out = tmp_path_factory.mktemp("demo") / "out"
-    assert main(["demo", "--quick", "--output", str(out)]) == 0
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    res = subprocess.run([sys.executable, "-m", "prefsel.cli", "demo", "--quick", "--output", str(out)],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, timeout=840)
+    assert res.returncode == 0, res.stdout[-5000:]
     with open(out / "results.json") as f:
-        return out, json.load(f)
+        return out, json.load(f), res.stdout
+
+
+@pytest.fixture(scope="module")
+def quick_demo(quick_demo_run):
+    return quick_demo_run[:2]
+
+
+def test_demo_quick_console_is_short(quick_demo_run):
+    """A clean console: one line per stage, the table, the log's path; Ray's INFO lines and the
+    reward models' load reports are in OUTPUT/prefsel.log instead (prefsel.console)."""
+    from prefsel.demo.runner import STAGES
+
+    out, res, text = quick_demo_run
+    lines = text.splitlines()
+    assert len(lines) <= MAX_CONSOLE_LINES, text
+    for i, name in enumerate(STAGES, 1):
+        assert sum(line.startswith(f"[{i}/{len(STAGES)}] {name} ") for line in lines) == 1, (name, text)
+    assert sum(line.startswith("|") for line in lines) == 2 + len(METHODS)  # the table
+    assert lines[-1] == f"log: {out / 'prefsel.log'}"
+    for noise in ("LOAD REPORT", "\tINFO ", "Running in local mode", "Setting accelerator to CPU"):
+        assert noise not in text, noise
+    log = (out / "prefsel.log").read_text()
+    assert "LOAD REPORT" in log and "Running in local mode" in log and "Started a local Ray instance" in log
+    assert "[prefsel demo] train rm on" in log  # each run's detail line
 
 
 def _inversions(answer: str) -> int:

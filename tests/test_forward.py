@@ -36,19 +36,25 @@ def _one_by_one(model, prompts, responses) -> list[float]:
 
 
 def test_trainer_demo_and_annotate_read_the_same_rewards(rm_and_rows):
-    from prefsel.generation.rewards import score_sequences
+    from prefsel.generation.rewards import score_groups
+    from prefsel.logprobs import padded_batch
+    from prefsel.packing import Layout, one_batch
     from prefsel.train.objectives import RewardModule
 
     model, tok, prompts, responses = rm_and_rows
     want = _one_by_one(model, prompts, responses)
+    groups = [(p, [r]) for p, r in zip(prompts, responses)]
     with torch.no_grad():
         for side in ("right", "left"):
             ids, attn, _ = collate_sequences(prompts, responses, tok.pad_token_id, side)
-            trainer = RewardModule(model)(ids, attn).tolist()  # RM training and the demo's eval_rm
+            trainer = RewardModule(model)(padded_batch(ids, attn)).tolist()  # padded rows
             assert trainer == pytest.approx(want, abs=1e-5), side
-    for budget in (10_000, 8):  # batched together, or one sequence per batch
-        annotate = score_sequences(model, prompts, responses, tok.pad_token_id, max_tokens_per_batch=budget)
-        assert annotate == pytest.approx(want, abs=1e-5)
+        batch = one_batch(groups, tok.pad_token_id, Layout())  # RM training's packed micro-batch
+        assert batch.in_order(RewardModule(model)(batch)).tolist() == pytest.approx(want, abs=1e-5)
+    for budget in (10_000, 8):  # batched together, or one sequence per batch; annotate and the demo's eval_rm
+        for layout in (Layout(max_tokens=budget), Layout(max_tokens=budget, packing=False)):
+            annotate = score_groups(model, groups, tok.pad_token_id, layout=layout)
+            assert annotate == pytest.approx(want, abs=1e-5)
 
 
 def test_any_head_name_and_pad_equal_to_eos(rm_and_rows):

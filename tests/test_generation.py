@@ -266,13 +266,15 @@ def tiny_rm(tiny_models, tmp_path_factory):
 
 
 def test_rewards_at_last_real_token_and_batch_invariant(tiny_rm):
-    from prefsel.generation.rewards import score_sequences
+    from prefsel.generation.rewards import score_groups
+    from prefsel.packing import Layout
 
     model, tok, _ = tiny_rm
     prompts = [[1, 10, 11, 12], [1, 20], [1, 30, 31, 32, 33, 34]]
     responses = [[40, 41, 2], [50, 2], [60, 61, 62, 63, 2]]
-    together = score_sequences(model, prompts, responses, tok.pad_token_id, max_tokens_per_batch=10_000)
-    apart = score_sequences(model, prompts, responses, tok.pad_token_id, max_tokens_per_batch=1)
+    groups = [(p, [r]) for p, r in zip(prompts, responses)]
+    together = score_groups(model, groups, tok.pad_token_id, layout=Layout(max_tokens=10_000))
+    apart = score_groups(model, groups, tok.pad_token_id, layout=Layout(max_tokens=1))
     assert together == pytest.approx(apart, abs=1e-5)
     for p, r, v in zip(prompts, responses, together):  # a lone sequence: HF's own pooling is the last token
         ref = model(input_ids=torch.tensor([p + r])).logits[0, 0].item()
@@ -280,12 +282,12 @@ def test_rewards_at_last_real_token_and_batch_invariant(tiny_rm):
 
 
 def test_rewards_not_fooled_when_pad_is_eos(tiny_rm):
-    from prefsel.generation.rewards import score_sequences
+    from prefsel.generation.rewards import score_groups
 
     model, tok, _ = tiny_rm
     eos = tok.eos_token_id
     seq_p, seq_r = [1, 10, 11], [40, 41, eos]
-    ours = score_sequences(model, [seq_p], [seq_r], pad_token_id=eos)[0]
+    ours = score_groups(model, [(seq_p, [seq_r])], pad_token_id=eos)[0]
     ref = model(input_ids=torch.tensor([seq_p + seq_r])).logits[0, 0].item()  # pad id unused: no padding
     assert ours == pytest.approx(ref, abs=1e-5)
     model.config.pad_token_id, old = eos, model.config.pad_token_id

@@ -72,8 +72,9 @@ def test_generate_is_seeded_whatever_the_chunking(run_dirs):
 
 
 def test_annotate_then_pairs(run_dirs):
-    from prefsel.generation.rewards import load_reward_model, score_sequences
+    from prefsel.generation.rewards import load_reward_model, score_groups
     from prefsel.models import load_tokenizer
+    from prefsel.packing import Layout
     from prefsel.tokenization import PairTokenizer
 
     tmp = run_dirs["tmp"]
@@ -91,8 +92,16 @@ def test_annotate_then_pairs(run_dirs):
         ex = to_example(r, "multi")
         assert len(r["rewards"]) == len(r["responses"])
         enc = PairTokenizer(tok).encode(ex)
-        ref = score_sequences(model, [enc.prompt_ids] * len(enc.response_ids), enc.response_ids, tok.pad_token_id)
-        assert r["rewards"] == pytest.approx(ref, abs=1e-5)  # aligned with responses, batching-independent
+        ref = score_groups(model, [(enc.prompt_ids, [x]) for x in enc.response_ids], tok.pad_token_id,
+                           layout=Layout(packing=False))
+        assert r["rewards"] == pytest.approx(ref, abs=1e-5)  # aligned with responses, layout-independent
+    # the reward model ran each kept row's prompt once for all its responses (summary's accounting)
+    encoded = [PairTokenizer(tok).encode(to_example(r, "multi")) for r in rows]
+    fwd = summary["forward"]
+    assert fwd["share_prompt"] and fwd["sequences"] == sum(len(e.response_ids) for e in encoded)
+    once = sum(len(e.prompt_ids) + sum(map(len, e.response_ids)) for e in encoded)
+    each = sum(len(e.prompt_ids) * len(e.response_ids) + sum(map(len, e.response_ids)) for e in encoded)
+    assert once <= fwd["tokens_forwarded"] < each  # (a 64-token budget may cut a row into segments)
 
     assert main(["to-pairs", "--data", str(tmp / "multi"), "--output", str(tmp / "pairs"),
                  "--strategy", "best-worst"]) == 0

@@ -13,7 +13,6 @@ import json
 import os
 import runpy
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,21 +23,11 @@ import pytest
 import yaml
 
 from helpers import write_jsonl
+from prefsel.cluster_sim import end_processes, free_ports, processes_under
 from prefsel.demo_data import make_demo_pairs
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _env() -> dict:
@@ -50,44 +39,14 @@ def _env() -> dict:
     return env
 
 
-def _head_processes(temp_dir: str):
-    """The head's processes (their command lines name its temp dir) and all their children."""
-    import psutil
-
-    found = {}
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        try:
-            if any(temp_dir in part for part in (p.info["cmdline"] or [])):
-                found[p.pid] = p
-                for c in p.children(recursive=True):
-                    found[c.pid] = c
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    return list(found.values())
-
-
 def _stop_head(temp_dir: str) -> None:
-    import psutil
-
-    procs = _head_processes(temp_dir)
-    for p in procs:
-        try:
-            p.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=5)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=5)
+    end_processes(processes_under(temp_dir), timeout=5)
 
 
 @pytest.fixture(scope="module")
 def ray_head():
     """Dashboard address (http://127.0.0.1:PORT) of a one-node `ray start --head` cluster."""
-    gcs, dash, client, agent_http, agent_grpc, metrics = _free_ports(6)
+    gcs, dash, client, agent_http, agent_grpc, metrics = free_ports(6)
     temp_dir = tempfile.mkdtemp(prefix="rjh", dir="/tmp")  # short: Ray's socket paths are limited
     default_current = Path("/tmp/ray/ray_current_cluster")
     before = default_current.read_text() if default_current.exists() else None
@@ -120,7 +79,7 @@ def ray_head():
     finally:
         _stop_head(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
-    assert not _head_processes(temp_dir)
+    assert not processes_under(temp_dir)
 
 
 def _wait(client, job_id: str, timeout: float = 300):

@@ -156,15 +156,27 @@ def test_invariance_to_actors_batching_and_padding(tiny_models, tmp_path):
                                       scoring=ScoreConfig(max_tokens_per_batch=100000)),
         "two_actors_small_calls": dict(resources=ActorResources(num_actors=2, cpus_per_actor=0.5, rows_per_actor_call=3),
                                        scoring=ScoreConfig(max_tokens_per_batch=64)),
-        "left_padding": dict(resources=ActorResources(num_actors=1),
-                             scoring=ScoreConfig(padding_side="left", max_tokens_per_batch=500)),
+        "padded_left": dict(resources=ActorResources(num_actors=1),
+                            scoring=ScoreConfig(padding_side="left", max_tokens_per_batch=500, packing=False)),
+        "packed_unshared": dict(resources=ActorResources(num_actors=1), scoring=ScoreConfig(share_prompt=False)),
     }
     gaps = {}
     for name, kw in runs.items():
         out = tmp_path / name
-        run_score(ScoreJobConfig(policy=tiny_models[0], reference=tiny_models[1], data=str(data),
-                                 output=str(out), chunk_rows=5, **kw))
+        summary = run_score(ScoreJobConfig(policy=tiny_models[0], reference=tiny_models[1], data=str(data),
+                                           output=str(out), chunk_rows=5, **kw))
         t = read_scores(out)
+        # one model's token accounting, summed over actors and calls: a shared prompt runs once
+        fwd, sc = summary["forward"], kw["scoring"]
+        p, c, r = (np.array(t[f"{k}_tokens"].to_pylist()) for k in ("prompt", "chosen", "rejected"))
+        assert fwd["sequences"] == 2 * len(rows) and fwd["tokens_forwarded"] <= fwd["slots_forwarded"]
+        assert fwd["tokens_forwarded"] == int((p * (1 if sc.packing and sc.share_prompt else 2) + c + r).sum()), name
+        if not sc.packing:
+            assert fwd["saving"] == 0.0  # the padded layout is the two-pass baseline
+        elif sc.share_prompt:  # a prompt once per pair, so always fewer slots
+            assert fwd["slots_forwarded"] < fwd["padded_two_pass_tokens"], name
+        else:  # packing alone saves only the pads; these calls of 5 similar pairs have few
+            assert fwd["slots_forwarded"] <= fwd["padded_two_pass_tokens"], name
         assert t["row_id"].to_pylist() == list(range(len(rows)))
         gaps[name] = np.array(t["gap"].to_pylist())
     base = gaps.pop("one_actor_big_batches")

@@ -280,6 +280,10 @@ CONFIGS = {
     "huge-left": dict(max_tokens_per_batch=10**9, padding_side="left"),
     "budget-left": dict(max_tokens_per_batch=300, padding_side="left"),
     "max-batch-3": dict(max_tokens_per_batch=10**9, max_batch_size=3, chunk_tokens=7),
+    # the default layout is packed with shared prompts (prefsel.packing); the others must agree
+    "padded-right": dict(max_tokens_per_batch=10**9, packing=False),
+    "padded-left-budget": dict(max_tokens_per_batch=300, packing=False, padding_side="left"),
+    "packed-unshared": dict(max_tokens_per_batch=10**9, share_prompt=False),
 }
 
 
@@ -287,7 +291,7 @@ def test_invariant_to_batching_padding_and_batch_mates(lm):
     targets = all_format_pairs(lm, few(lm))
     # the full check with the small vocabulary; with Qwen's 151k one, fewer rows and configs
     n_others = 30 if lm.name == "tiny" else 8
-    configs = CONFIGS if lm.name == "tiny" else {k: CONFIGS[k] for k in ("batch-of-1", "huge-right", "huge-left")}
+    configs = CONFIGS if lm.name == "tiny" else {k: CONFIGS[k] for k in ("batch-of-1", "huge-right", "padded-right")}
     others = filler_pairs(lm, n=n_others)
     lengths = [len(p.prompt_ids) + len(r) for p in others for r in p.response_ids]
     assert max(lengths) > 5 * min(lengths)  # very different lengths

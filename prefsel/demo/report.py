@@ -1,4 +1,4 @@
-"""Aggregate the demo's runs over seeds, print the table, write results.md / results.json / figure.png."""
+"""Aggregate the demo's runs over seeds, write results.md / results.json / figure.png (the runner prints the table)."""
 
 from __future__ import annotations
 
@@ -126,7 +126,4 @@ def write_report(result: dict, out: Path) -> dict:
                          "figure": str(fig), "gap_histogram": str(out / "selections" / "smallest-gap" /
                                                                   "gap_histogram.png")}
     (out / "results.json").write_text(json.dumps(result, indent=2, default=str))
-    print()
-    print(md)
-    print(f"wrote {out / 'results.md'}, {out / 'results.json'}, {fig}")
     return result

@@ -67,7 +67,21 @@ def _write_jsonl(path: Path, rows: list[dict]) -> str:
 
 
 def _log(msg: str) -> None:
-    print(f"[prefsel demo] {msg}", flush=True)
+    """A detail line (each training run, each evaluation): in OUTPUT/prefsel.log; on the console with
+    --verbose. Each stage's one-line result goes through _stage_done."""
+    from prefsel import console
+
+    console.info(f"[prefsel demo] {msg}")
+
+
+STAGES = ("data", "sft", "scorer", "score", "select", "train", "eval", "report")
+
+
+def _stage_done(name: str, t0: float, text: str) -> None:
+    from prefsel import console
+
+    i = STAGES.index(name) + 1
+    console.result(f"[{i}/{len(STAGES)}] {name:<7} {text} ({time.time() - t0:.1f}s)")
 
 
 class Demo:
@@ -130,17 +144,21 @@ class Demo:
              f"loss {fm.get('loss', float('nan')):.4f}, {s['demo_wall_s']:.1f}s")
         return s
 
-    def score_and_select(self) -> dict[str, str]:
+    def score(self) -> dict:
         from prefsel.score_job import ScoreJobConfig, run_score
         from prefsel.scoring import ScoreConfig
-        from prefsel.selection import SelectConfig, run_select
 
         t0 = time.time()
         self.scores_path = str(self.out / "scores")
-        run_score(ScoreJobConfig(policy=self.scorer_path, reference=self.sft_path, data=self.train_path,
-                                 output=self.scores_path, chat_template="none", chunk_rows=256, overwrite=True,
-                                 scoring=ScoreConfig(beta=self.cfg.beta)))
+        s = run_score(ScoreJobConfig(policy=self.scorer_path, reference=self.sft_path, data=self.train_path,
+                                     output=self.scores_path, chat_template="none", chunk_rows=256, overwrite=True,
+                                     scoring=ScoreConfig(beta=self.cfg.beta)))
         self.timings["score_s"] = time.time() - t0
+        return s
+
+    def select(self) -> dict[str, str]:
+        from prefsel.selection import SelectConfig, run_select
+
         sel = {}
         self.select_summaries = {}
         for method in GAP_SELECTIONS:
@@ -148,8 +166,12 @@ class Demo:
             self.select_summaries[method] = run_select(SelectConfig(
                 scores=self.scores_path, output=out, overwrite=True, **self.selection_args(method)))
             sel[method] = out
-        _log(f"scored {len(self.train_rows)} pairs and selected in {time.time() - t0:.1f}s")
+            _log(f"selected {method}: {self.select_summaries[method]['rows_selected']} pairs -> selections/{method}")
         return sel
+
+    def score_and_select(self) -> dict[str, str]:
+        self.score()
+        return self.select()
 
     def selection_args(self, method: str) -> dict:
         """SelectConfig arguments of a gap selection. Every one keeps k = floor(N x ratio) pairs (N = all
@@ -189,20 +211,11 @@ class Demo:
         import torch
         from transformers import AutoModelForSequenceClassification
 
-        from prefsel.logprobs import collate_sequences
-        from prefsel.train.objectives import RewardModule
+        from prefsel.generation.rewards import score_groups
 
         model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).eval()
-        rm = RewardModule(model)
-        correct = 0
-        with torch.no_grad():
-            for i in range(0, len(self.eval_tok), 64):
-                batch = self.eval_tok[i : i + 64]
-                prompts = [p.prompt_ids for p in batch] * 2
-                resps = [p.chosen_ids for p in batch] + [p.rejected_ids for p in batch]
-                ids, attn, _ = collate_sequences(prompts, resps, self.pad_id, "right", None)
-                r = rm(ids, attn)
-                correct += int((r[: len(batch)] > r[len(batch):]).sum())
+        r = score_groups(model, [(p.prompt_ids, [p.chosen_ids, p.rejected_ids]) for p in self.eval_tok], self.pad_id)
+        correct = sum(int(r[2 * k] > r[2 * k + 1]) for k in range(len(self.eval_tok)))
         return correct / len(self.eval_tok)
 
     def eval_policy(self, path: str) -> tuple[float, float]:
@@ -217,82 +230,116 @@ class Demo:
         return acc, self.loglik(policy)
 
     def loglik(self, model) -> float:
-        from prefsel.scoring import ScoreConfig, sequences_logprobs
+        from prefsel.scoring import ScoreConfig, groups_logprobs
 
-        (lp,) = sequences_logprobs([model], [p.prompt_ids for p in self.eval_tok],
-                                   [p.chosen_ids for p in self.eval_tok], self.pad_id, ScoreConfig(), "cpu")
+        (lp,) = groups_logprobs([model], [(p.prompt_ids, [p.chosen_ids]) for p in self.eval_tok], self.pad_id,
+                                ScoreConfig(), "cpu")
         per_tok = [v / len(p.chosen_ids) for v, p in zip(lp, self.eval_tok)]
         return sum(per_tok) / len(per_tok)
 
     # ---- the whole run -------------------------------------------------------------------------
     def run(self) -> dict:
+        """The stages in order (STAGES), each with one progress display and one result line."""
         os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()  # one "Loading weights" bar per model load; the demo logs its stages
-        from prefsel.models import load_causal_lm
+        hf_logging.disable_progress_bar()  # one "Loading weights" bar per model load; the demo shows its stages
+        from prefsel.console import result, stage
         from prefsel.jobs import init_ray
+        from prefsel.models import load_causal_lm
 
         c = self.cfg
         t_all = time.time()
-        self.prepare()
-        init_ray()
-        self.timings["setup_s"] = time.time() - t_all
+        result(f"prefsel demo -> {self.out} ({len(c.seeds)} seed(s), {len(METHODS)} methods, "
+               f"{2 + 2 * len(c.seeds) * len(METHODS)} training runs)")
+        with stage("data", description="task, tokenizer, tiny model, local Ray"):
+            self.prepare()
+            init_ray()
         n = len(self.train_rows)
+        self.timings["setup_s"] = time.time() - t_all
+        _stage_done("data", t_all, f"{n} training pairs ({sum(r['mislabeled'] for r in self.train_rows)} flipped), "
+                    f"{len(self.eval_rows)} held-out")
         t0 = time.time()
-        sft = self.train("sft", self.init_path, self.train_path, self.out / "models" / "sft", MODEL_SEED,
-                         c.sft_epochs, n)
+        with stage("sft", description="reference model on the chosen answers"):
+            sft = self.train("sft", self.init_path, self.train_path, self.out / "models" / "sft", MODEL_SEED,
+                             c.sft_epochs, n)
         self.sft_path = sft["final_model"]
-        scorer = self.train("dpo", self.sft_path, self.train_path, self.out / "models" / "dpo", MODEL_SEED,
-                            c.scorer_epochs, n)
+        _stage_done("sft", t0, _train_line(sft, self.out))
+        t1 = time.time()
+        with stage("scorer", description="DPO policy on all pairs"):
+            scorer = self.train("dpo", self.sft_path, self.train_path, self.out / "models" / "dpo", MODEL_SEED,
+                                c.scorer_epochs, n)
         self.scorer_path = scorer["final_model"]
         self.timings["sft_and_scorer_s"] = time.time() - t0
-        sel = self.score_and_select()
-        self.tokenized_eval()
-        self.sft_model = load_causal_lm(self.sft_path, dtype="fp32", device="cpu")
-        baseline = {"sft_heldout_loglik": self.loglik(self.sft_model)}
-        scorer_acc, scorer_ll = self.eval_policy(self.scorer_path)
-        baseline.update(scorer_dpo_reward_accuracy=scorer_acc, scorer_heldout_loglik=scorer_ll)
-        # every (seed, method, task) run, `parallel` Ray Train runs at a time (Ray Train's per-run
-        # start-up, not the few optimizer steps, is what costs time at this scale)
-        jobs = []
-        for seed in c.seeds:
-            data = {**sel, "random": self.select_random(seed), "full": self.train_path}
-            for method in METHODS:
-                k = n if method == "full" else self.select_summaries[
-                    f"random-seed{seed}" if method == "random" else method]["rows_selected"]
-                for task in ("rm", "dpo"):
-                    jobs.append((seed, method, task, data[method], k))
+        _stage_done("scorer", t1, _train_line(scorer, self.out))
+        t0 = time.time()
+        with stage("score", description="implicit-reward gap of every pair (Ray Data)"):
+            sc = self.score()
+        _stage_done("score", t0, f"{sc['rows_scored']} pairs scored, {sc['rows_rejected']} rejected -> scores/")
+        t0 = time.time()
+        with stage("select", description=", ".join(GAP_SELECTIONS)):
+            sel = self.select()
+            self.tokenized_eval()
+            self.sft_model = load_causal_lm(self.sft_path, dtype="fp32", device="cpu")
+            baseline = {"sft_heldout_loglik": self.loglik(self.sft_model)}
+            scorer_acc, scorer_ll = self.eval_policy(self.scorer_path)
+            baseline.update(scorer_dpo_reward_accuracy=scorer_acc, scorer_heldout_loglik=scorer_ll)
+            # every (seed, method, task) run, `parallel` Ray Train runs at a time (Ray Train's per-run
+            # start-up, not the few optimizer steps, is what costs time at this scale)
+            jobs = []
+            for seed in c.seeds:
+                data = {**sel, "random": self.select_random(seed), "full": self.train_path}
+                for method in METHODS:
+                    k = n if method == "full" else self.select_summaries[
+                        f"random-seed{seed}" if method == "random" else method]["rows_selected"]
+                    for task in ("rm", "dpo"):
+                        jobs.append((seed, method, task, data[method], k))
+        k10 = math.floor(n * c.ratio)
+        neg = self.select_summaries[GAP_SELECTIONS[0]].get("negative_gaps")
+        _stage_done("select", t0, f"{len(self.select_summaries)} selections of {k10} pairs; {neg} of {n} pairs "
+                    f"have a negative gap; scorer held-out reward accuracy {scorer_acc:.3f}")
         t0 = time.time()
         done = {}
-        if c.parallel > 1 and not c.local_mode:
-            from concurrent.futures import ThreadPoolExecutor
+        with stage("train", total=len(jobs), description="a reward model and a DPO policy per method and seed") \
+                as advance:
+            if c.parallel > 1 and not c.local_mode:
+                from concurrent.futures import ThreadPoolExecutor
 
-            with ThreadPoolExecutor(max_workers=c.parallel) as pool:
-                futs = {(s, m, t): pool.submit(self.train, t, self.sft_path, d,
-                                               self.out / "runs" / f"seed{s}" / m / t, s, c.epochs, k)
-                        for s, m, t, d, k in jobs}
-                done = {key: f.result() for key, f in futs.items()}
-        else:
-            for s, m, t, d, k in jobs:
-                done[(s, m, t)] = self.train(t, self.sft_path, d, self.out / "runs" / f"seed{s}" / m / t, s,
-                                             c.epochs, k)
+                with ThreadPoolExecutor(max_workers=c.parallel) as pool:
+                    futs = {(s, m, t): pool.submit(self.train, t, self.sft_path, d,
+                                                   self.out / "runs" / f"seed{s}" / m / t, s, c.epochs, k)
+                            for s, m, t, d, k in jobs}
+                    for key, f in futs.items():
+                        done[key] = f.result()
+                        advance()
+            else:
+                for s, m, t, d, k in jobs:
+                    done[(s, m, t)] = self.train(t, self.sft_path, d, self.out / "runs" / f"seed{s}" / m / t, s,
+                                                 c.epochs, k)
+                    advance()
         self.timings["methods_train_s"] = time.time() - t0
+        _stage_done("train", t0, f"{len(jobs)} runs ({sum(r['steps'] or 0 for r in done.values())} optimizer steps) "
+                    f"-> runs/")
+        t1 = time.time()
         runs = []
-        for seed in c.seeds:
-            for method in METHODS:
-                rm, dpo = done[(seed, method, "rm")], done[(seed, method, "dpo")]
-                rm_acc = self.eval_rm(rm["final_model"])
-                dpo_acc, ll = self.eval_policy(dpo["final_model"])
-                run = {"seed": seed, "method": method, "pairs": rm["rows_used"], "dpo_pairs": dpo["rows_used"],
-                       "rm_accuracy": rm_acc, "dpo_reward_accuracy": dpo_acc, "heldout_loglik": ll,
-                       "rm_steps": rm["steps"], "dpo_steps": dpo["steps"],
-                       "rm_train_s": rm["demo_wall_s"], "dpo_train_s": dpo["demo_wall_s"],
-                       "rm_model": rm["final_model"], "dpo_model": dpo["final_model"]}
-                _log(f"seed {seed} {METHOD_LABELS[method]}: RM acc {rm_acc:.3f}, DPO reward acc {dpo_acc:.3f}, "
-                     f"log-lik {ll:.4f}")
-                runs.append(run)
+        with stage("eval", total=len(c.seeds) * len(METHODS), description="held-out pairs") as advance:
+            for seed in c.seeds:
+                for method in METHODS:
+                    rm, dpo = done[(seed, method, "rm")], done[(seed, method, "dpo")]
+                    rm_acc = self.eval_rm(rm["final_model"])
+                    dpo_acc, ll = self.eval_policy(dpo["final_model"])
+                    run = {"seed": seed, "method": method, "pairs": rm["rows_used"], "dpo_pairs": dpo["rows_used"],
+                           "rm_accuracy": rm_acc, "dpo_reward_accuracy": dpo_acc, "heldout_loglik": ll,
+                           "rm_steps": rm["steps"], "dpo_steps": dpo["steps"],
+                           "rm_train_s": rm["demo_wall_s"], "dpo_train_s": dpo["demo_wall_s"],
+                           "rm_model": rm["final_model"], "dpo_model": dpo["final_model"]}
+                    _log(f"seed {seed} {METHOD_LABELS[method]}: RM acc {rm_acc:.3f}, DPO reward acc {dpo_acc:.3f}, "
+                         f"log-lik {ll:.4f}")
+                    runs.append(run)
+                    advance()
+        _stage_done("eval", t1, f"{len(runs)} reward models and {len(runs)} DPO policies on "
+                    f"{len(self.eval_rows)} held-out pairs")
         self.timings["methods_s"] = time.time() - t0
         self.timings["total_s"] = time.time() - t_all
         result = {
@@ -311,7 +358,14 @@ class Demo:
             "models": {"init": self.init_path, "sft": self.sft_path, "scorer_dpo": self.scorer_path},
             "timings_s": {k: round(v, 1) for k, v in self.timings.items()},
         }
-        return write_report(result, self.out)
+        t0 = time.time()
+        with stage("report", description="results.md, results.json, figure.png"):
+            out = write_report(result, self.out)
+        _stage_done("report", t0, f"results.md, results.json, figure.png in {self.out}; "
+                    f"the whole demo {time.time() - t_all:.0f}s")
+        print()
+        print((self.out / "results.md").read_text(), end="", flush=True)
+        return out
 
     def composition(self, sel: dict[str, str]) -> dict:
         """How many mislabeled pairs, and which error sizes, each gap selection holds."""
@@ -324,6 +378,12 @@ class Demo:
             out[name] = {"mislabeled": sum(bool(r.get("mislabeled")) for r in rows),
                          "error_counts": dict(sorted(Counter(int(r["error"]) for r in rows).items()))}
         return out
+
+
+def _train_line(s: dict, out: Path) -> str:
+    fm = s.get("final_metrics") or {}
+    return (f"{s['rows_used']} pairs, {s['steps']} steps, loss {fm.get('loss', float('nan')):.4f} "
+            f"-> {Path(s['final_model']).relative_to(out)}")
 
 
 def run_demo(cfg: DemoConfig) -> dict:

@@ -20,9 +20,9 @@ import pyarrow as pa
 from prefsel.checks import require
 from prefsel.formats import RowError, to_example
 from prefsel.generation.output import JsonlRunOutput
-from prefsel.jobs import ActorResources, ModelActor, TokenizerSpec, flatten_responses, group_by_owner
+from prefsel.jobs import ActorResources, ModelActor, TokenizerSpec, group_by_owner
 from prefsel.jobs import JobConfig, job_fingerprint, original_record, run_chunks
-from prefsel.logprobs import DEFAULT_MAX_TOKENS_PER_BATCH
+from prefsel.packing import DEFAULT_MAX_TOKENS_PER_BATCH, ForwardStats, Layout
 from prefsel.sources import Chunk, RawRow, plan_source
 
 PREPARED_SCHEMA = pa.schema([
@@ -38,7 +38,9 @@ class AnnotateConfig(JobConfig):
     output: str
     max_length: int | None = None  # None: the reward model's context
     max_tokens_per_batch: int = DEFAULT_MAX_TOKENS_PER_BATCH
-    attn_implementation: str | None = None
+    attn_implementation: str = "auto"
+    packing: bool = True  # prefsel.packing: several sequences per forward row
+    share_prompt: bool = True  # a row's K responses share one run of its prompt
     resources: ActorResources = field(default_factory=lambda: ActorResources(rows_per_actor_call=64))
 
     model_field = "reward_model"
@@ -46,6 +48,11 @@ class AnnotateConfig(JobConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         require((self.max_length is None or self.max_length >= 2, "max_length: must be at least 2"))
+        self.layout  # validates the layout fields
+
+    @property
+    def layout(self) -> Layout:
+        return Layout(packing=self.packing, share_prompt=self.share_prompt, max_tokens=self.max_tokens_per_batch)
 
 
 def fingerprint(cfg: AnnotateConfig, files: list[str]) -> dict:
@@ -109,18 +116,21 @@ class RewardActor(ModelActor):
         self.model = load_reward_model(cfg.reward_model, dtype=cfg.dtype, device=str(self.device),
                                        trust_remote_code=cfg.trust_remote_code,
                                        attn_implementation=cfg.attn_implementation)
+        self.forward_stats = ForwardStats()
 
     def process(self, rows: list[dict]) -> list[dict]:
-        return score_rows(self.model, rows, self.pad, self.cfg.max_tokens_per_batch, self.device)
+        return score_rows(self.model, rows, self.pad, self.cfg.layout, self.device, self.forward_stats)
 
 
-def score_rows(model, rows: list[dict], pad_token_id: int, max_tokens_per_batch: int, device) -> list[dict]:
-    """{rewards, tokens} (or a reject reason) for each usable row; all responses batched by tokens."""
-    from prefsel.generation.rewards import score_sequences
+def score_rows(model, rows: list[dict], pad_token_id: int, layout: Layout, device,
+               stats: ForwardStats | None = None) -> list[dict]:
+    """{rewards, tokens} (or a reject reason) for each usable row; all responses batched by
+    tokens, each row's responses sharing its prompt (by default)."""
+    from prefsel.generation.rewards import score_groups
 
-    prompts, responses, owner = flatten_responses(rows)
-    values = score_sequences(model, prompts, responses, pad_token_id,
-                             max_tokens_per_batch=max_tokens_per_batch, device=device) if prompts else []
+    values = score_groups(model, [(r["prompt_ids"], r["response_ids"]) for r in rows], pad_token_id,
+                          layout=layout, device=device, stats=stats) if rows else []
+    owner = [i for i, r in enumerate(rows) for _ in r["response_ids"]]
     per_row = group_by_owner(owner, values, len(rows))
     out = []
     for i, r in enumerate(rows):
@@ -180,6 +190,7 @@ def run_annotate(cfg: AnnotateConfig) -> dict:
         "tokens_per_s": round(writer.tokens / wall, 1) if wall > 0 and not done else None,
         "wall_s": round(wall, 2), "resumed_chunks": len(done), "chunks": len(plan.chunks),
         "rows_per_actor": dict(collector.rows_per_actor),
+        "forward": collector.forward_summary(cfg.layout, cfg.attn_implementation),
         "reward_model": cfg.reward_model, "max_length": cfg.max_length, "data": cfg.data,
         "outputs": {"multi": f"{cfg.output.rstrip('/')}/multi", "rejects": f"{cfg.output.rstrip('/')}/rejects",
                     "summary": f"{cfg.output.rstrip('/')}/summary.json"},

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from prefsel.flags import add_actor_flags, add_data_flags, add_model_flags, add_output_flags, config_from_args
+from prefsel.flags import (
+    add_actor_flags,
+    add_data_flags,
+    add_layout_flags,
+    add_model_flags,
+    add_output_flags,
+    config_from_args,
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -14,8 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    formats=None, max_length_help="max tokens of prompt + response; longer rows are rejected")
     add_model_flags(p, AnnotateConfig, roles=("reward_model",))
     add_actor_flags(p, AnnotateConfig)
-    p.add_argument("--max-tokens-per-batch", type=int, default=AnnotateConfig.max_tokens_per_batch,
-                   help="padded tokens per forward")
+    add_layout_flags(p.add_argument_group("forward layout"), AnnotateConfig, "", "max_tokens_per_batch")
     add_output_flags(p)
     return p
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from prefsel.checks import require
-from prefsel.logprobs import DEFAULT_MAX_TOKENS_PER_BATCH, plan_token_batches
+from prefsel.packing import DEFAULT_MAX_TOKENS_PER_BATCH, plan_token_batches
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 Input ids come from PairTokenizer.encode under the RM's own tokenizer and chat template: prompt
 ids (template over the prompt turns, generation header, one BOS) + response ids (the assistant
 turn's tail with its end-of-turn token). So the RM sees [prompt turns, response] rendered once.
-The reward is read by `prefsel.logprobs.sequence_rewards`, the same function reward-model
+The reward is read by `prefsel.logprobs.batch_rewards`, the same function reward-model
 training uses: the head at each sequence's last real token, found from the attention mask.
 """
 
@@ -13,7 +13,8 @@ from collections.abc import Sequence
 
 import torch
 
-from prefsel.logprobs import DEFAULT_MAX_TOKENS_PER_BATCH, map_token_batches, sequence_rewards
+from prefsel.logprobs import batch_rewards, map_groups
+from prefsel.packing import ForwardStats, Group, Layout
 
 
 def load_reward_model(path: str, *, dtype: str = "auto", device: str | None = None,
@@ -22,9 +23,10 @@ def load_reward_model(path: str, *, dtype: str = "auto", device: str | None = No
     from transformers import AutoModelForSequenceClassification
 
     from prefsel.models import resolve_device, resolve_dtype
+    from prefsel.packing import resolve_attn
 
     dev = resolve_device(device)
-    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    kwargs = {"attn_implementation": resolve_attn(attn_implementation)} if attn_implementation else {}
     model = AutoModelForSequenceClassification.from_pretrained(
         path, dtype=resolve_dtype(dtype, dev), trust_remote_code=trust_remote_code, **kwargs
     )
@@ -35,19 +37,22 @@ def load_reward_model(path: str, *, dtype: str = "auto", device: str | None = No
     return model
 
 
-def score_sequences(
+def score_groups(
     model,
-    prompts: Sequence[Sequence[int]],
-    responses: Sequence[Sequence[int]],
+    groups: Sequence[Group],
     pad_token_id: int,
     *,
-    max_tokens_per_batch: int = DEFAULT_MAX_TOKENS_PER_BATCH,
+    layout: Layout | None = None,
     device: torch.device | str = "cpu",
+    stats: ForwardStats | None = None,
 ) -> list[float]:
-    """Reward of each prompt+response pair, in input order; independent of how they are batched."""
+    """Reward of every (prompt, response) of `groups` ((prompt, responses) pairs), in (group,
+    response) order; independent of how they are batched and laid out. By default a prompt's K
+    responses share one run of the prompt (prefsel.packing)."""
+    from prefsel.scoring import layout_for
+
+    layout = layout_for([model], layout or Layout())
     with torch.no_grad():
-        (rewards,) = map_token_batches(
-            [lambda ids, attn, _resp: sequence_rewards(model, ids, attn)], prompts, responses, pad_token_id,
-            max_tokens=max_tokens_per_batch, device=device,
-        )
+        (rewards,) = map_groups([lambda batch: batch_rewards(model, batch)], groups, pad_token_id, layout,
+                                device=device, stats=stats)
     return rewards

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from functools import partial
 
-from prefsel.flags import add_data_flags, add_model_flags, config_from_args, default_of
+from prefsel.flags import add_data_flags, add_layout_flags, add_model_flags, config_from_args, default_of
 from prefsel.losses import DPO_LOSS_TYPES
 
 HELP = {
@@ -53,6 +53,7 @@ def _shared(p: argparse.ArgumentParser, task: str) -> None:
     o.add_argument("--lora-alpha", type=int, default=d("lora_alpha"))
     o.add_argument("--lora-dropout", type=float, default=d("lora_dropout"))
     o.add_argument("--target-modules", nargs="*", default=None)
+    add_layout_flags(p.add_argument_group("forward layout"), TrainConfig)
     dist = p.add_argument_group("distributed (Ray Train)")
     dist.add_argument("--strategy", default=d("strategy"), choices=["deepspeed", "ddp"])
     dist.add_argument("--zero-stage", type=int, default=d("zero_stage"), choices=[0, 1, 2, 3])

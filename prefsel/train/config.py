@@ -16,7 +16,7 @@ import os
 from dataclasses import asdict, dataclass
 
 from prefsel.gap import DEFAULT_BETA as DPO_BETA
-from prefsel.logprobs import DEFAULT_MAX_TOKENS_PER_BATCH
+from prefsel.packing import ATTN_CHOICES, DEFAULT_MAX_TOKENS_PER_BATCH
 from prefsel.losses import DPO_LOSS_TYPES
 
 TASKS = ("dpo", "hps", "rm", "sft")
@@ -50,6 +50,9 @@ class TrainConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     target_modules: list[str] | None = None
+    attn_implementation: str = "auto"  # prefsel.packing.ATTN_CHOICES
+    packing: bool = True  # several sequences per forward row, no pads inside (prefsel.packing)
+    share_prompt: bool = True  # a row's responses share one run of its prompt
     # data
     format: str | None = None
     split: str = "train"
@@ -131,6 +134,7 @@ class TrainConfig:
             (self.strategy in STRATEGIES, f"--strategy must be one of {STRATEGIES}"),
             (self.zero_stage in (0, 1, 2, 3), "--zero-stage must be 0, 1, 2 or 3"),
             (self.ref_mode in REF_MODES, f"--ref-mode must be one of {REF_MODES}"),
+            (self.attn_implementation in ATTN_CHOICES, f"--attn must be one of {ATTN_CHOICES}"),
             (self.hps_mode in HPS_MODES, f"--hps-mode must be one of {HPS_MODES}"),
             (self.loss_type in DPO_LOSS_TYPES, f"--loss must be one of {DPO_LOSS_TYPES}"),
             (self.lr_scheduler in LR_SCHEDULERS, f"--lr-scheduler must be one of {LR_SCHEDULERS}"),

@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from prefsel.formats import RowError, detect_format, to_example
-from prefsel.jobs import ActorResources, ModelActor, flatten_responses, group_by_owner, map_actor_pool
+from prefsel.jobs import ActorResources, ModelActor, group_by_owner, map_actor_pool
 from prefsel.prepare import unexpected_reason
 from prefsel.sources import not_object_reason, plan_source, read_chunk, sample_records, value_problem
 from prefsel.summary import reason_kind
@@ -130,27 +130,31 @@ def hps_rng(seed: int, epoch: int, row_id: int) -> np.random.Generator:
 
 
 class RefLogpActor(ModelActor):
-    """Adds `ref_logps` (one per response) with prefsel.scoring.sequences_logprobs."""
+    """Adds `ref_logps` (one per response) with prefsel.scoring.groups_logprobs: each row's
+    responses share its prompt (prefsel.packing), as in the trainer's online reference."""
 
     inputs = ("prompt_ids", "response_ids")
     consumed = ()
     results = pa.schema([("ref_logps", pa.list_(pa.float64()))])
 
     def __init__(self, resources: ActorResources, ref_path: str, pad_token_id: int, max_tokens: int, dtype: str,
-                 trust_remote_code: bool = False) -> None:
+                 trust_remote_code: bool = False, attn_implementation: str | None = "auto", packing: bool = True,
+                 share_prompt: bool = True) -> None:
         super().__init__(resources)
         from prefsel.models import load_causal_lm
         from prefsel.scoring import ScoreConfig
 
-        self.model = load_causal_lm(ref_path, dtype=dtype, device=str(self.device), trust_remote_code=trust_remote_code)
+        self.model = load_causal_lm(ref_path, dtype=dtype, device=str(self.device), trust_remote_code=trust_remote_code,
+                                    attn_implementation=attn_implementation)
         self.pad = pad_token_id
-        self.cfg = ScoreConfig(max_tokens_per_batch=max_tokens, padding_side="right")
+        self.cfg = ScoreConfig(max_tokens_per_batch=max_tokens, packing=packing, share_prompt=share_prompt)
 
     def process(self, rows: list[dict]) -> list[dict]:
-        from prefsel.scoring import sequences_logprobs
+        from prefsel.scoring import groups_logprobs
 
-        prompts, responses, owner = flatten_responses(rows)
-        (flat,) = sequences_logprobs([self.model], prompts, responses, self.pad, self.cfg, self.device)
+        (flat,) = groups_logprobs([self.model], [(r["prompt_ids"], r["response_ids"]) for r in rows], self.pad,
+                                  self.cfg, self.device)
+        owner = [i for i, r in enumerate(rows) for _ in r["response_ids"]]
         return [{"ref_logps": v} for v in group_by_owner(owner, flat, len(rows))]
 
 
@@ -168,7 +172,8 @@ def precompute_reference(ds, cfg, pad_token_id: int):
     resources = ActorResources(num_actors=cfg.ref_actors, gpus_per_actor=1.0 if cfg.use_gpu else 0.0,
                                cpus_per_actor=1.0, rows_per_actor_call=64)
     kwargs = dict(ref_path=cfg.reference_path, pad_token_id=pad_token_id, max_tokens=cfg.ref_batch_tokens,
-                  dtype=cfg.reference_dtype, trust_remote_code=cfg.trust_remote_code)
+                  dtype=cfg.reference_dtype, trust_remote_code=cfg.trust_remote_code,
+                  attn_implementation=cfg.attn_implementation, packing=cfg.packing, share_prompt=cfg.share_prompt)
     return map_actor_pool(ds, RefLogpActor, kwargs, resources).materialize()
 
 

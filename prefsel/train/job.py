@@ -20,6 +20,42 @@ from collections import Counter
 from prefsel.train.config import TrainConfig, is_local_uri
 
 
+def _sees_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+WORKER_CHOSEN_BACKEND = "prefsel-auto"  # decided by the workers when the process group starts
+
+
+def _worker_backend_torch_config():
+    """Ray Train's TorchConfig whose process-group backend the workers decide when it starts:
+    nccl when every worker sees CUDA, gloo when none does (strategy.backend_for_workers).
+    TorchTrainer turns TorchConfig(backend=None) into nccl from the GPU *resources* asked for,
+    which fails on a node that has a GPU resource but no CUDA (a simulated GPU node, CPU-only
+    torch). With real GPUs this is nccl, as before."""
+    import dataclasses
+
+    from ray.train.torch.config import TorchConfig, _TorchBackend
+
+    from prefsel.train.strategy import backend_for_workers
+
+    class _WorkerChosenBackend(_TorchBackend):
+        def on_start(self, worker_group, backend_config):
+            if backend_config.backend == WORKER_CHOSEN_BACKEND:
+                backend = backend_for_workers(list(worker_group.execute(_sees_cuda)))
+                backend_config = dataclasses.replace(backend_config, backend=backend)
+            super().on_start(worker_group, backend_config)
+
+    class WorkerBackendTorchConfig(TorchConfig):
+        @property
+        def backend_cls(self):
+            return _WorkerChosenBackend
+
+    return WorkerBackendTorchConfig(backend=WORKER_CHOSEN_BACKEND)
+
+
 def _prepare_output(cfg: TrainConfig) -> None:
     if not is_local_uri(cfg.output):
         return
@@ -71,6 +107,10 @@ def run_train(cfg: TrainConfig) -> dict:
         if eval_ds is not None:
             eval_ds = precompute_reference(eval_ds, cfg, tok.pad_token_id)
         t_ref = time.time() - t1
+    else:
+        # Ray Data's helper actors (stats, coordinator) stay on the node of whoever runs Ray Data
+        # first: the driver, not a GPU Train worker whose node could then never scale down.
+        ds = ds.materialize()
     datasets = {"train": ds}
     if eval_ds is not None:
         datasets["eval"] = eval_ds
@@ -84,7 +124,7 @@ def run_train(cfg: TrainConfig) -> dict:
         train_loop_config={"cfg": cfg.to_dict(), "meta": meta},
         scaling_config=ScalingConfig(num_workers=0, use_gpu=cfg.use_gpu) if cfg.local_mode else
         ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
-        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        torch_config=_worker_backend_torch_config() if cfg.use_gpu else TorchConfig(backend="gloo"),
         run_config=RunConfig(
             storage_path=cfg.resolved_storage_path,
             name=cfg.run_name,

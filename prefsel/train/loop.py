@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from prefsel.packing import Layout, resolve_attn
 from prefsel.train.config import TrainConfig, is_local_uri
 from prefsel.train.data import (
     epoch_order,
@@ -56,10 +57,13 @@ def build_module(cfg: TrainConfig, pad_id: int, ds_config: dict | None = None):
 
         # DeepSpeed's comm must see the Ray-initialised process group before the config is read
         # (its batch-size check uses the world size).
-        deepspeed.init_distributed(dist_backend="nccl" if cfg.use_gpu else "gloo")
+        from prefsel.train.strategy import process_group_backend
+
+        deepspeed.init_distributed(dist_backend=process_group_backend())  # the one Ray Train set up
 
         keep = HfDeepSpeedConfig(ds_config)  # from_pretrained then loads straight into ZeRO-3 shards
-    kw = dict(dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
+    kw = dict(dtype=torch.float32, trust_remote_code=cfg.trust_remote_code,
+              attn_implementation=resolve_attn(cfg.attn_implementation))
     torch.manual_seed(cfg.seed)
     if cfg.task == "rm":
         model = AutoModelForSequenceClassification.from_pretrained(cfg.model, num_labels=1, **kw)
@@ -86,17 +90,23 @@ def build_module(cfg: TrainConfig, pad_id: int, ds_config: dict | None = None):
 class Objective:
     """Picks the task's objective; the same call for training and evaluation."""
 
-    def __init__(self, cfg: TrainConfig, ref_model, pad_id: int, device, total_steps: int) -> None:
+    def __init__(self, cfg: TrainConfig, ref_model, pad_id: int, device, total_steps: int,
+                 model: torch.nn.Module | None = None) -> None:
+        from prefsel.scoring import layout_for
+
         self.cfg, self.ref, self.pad, self.device, self.total = cfg, ref_model, pad_id, device, total_steps
+        layout = Layout(packing=cfg.packing, share_prompt=cfg.share_prompt)
+        self.layout = layout_for([model], layout) if model is not None else layout
 
     def __call__(self, fn, rows, *, step: int, epoch: int, train: bool):
         c = self.cfg
-        common = dict(beta=c.beta, loss_type=c.loss_type, label_smoothing=c.label_smoothing, device=self.device)
+        common = dict(beta=c.beta, loss_type=c.loss_type, label_smoothing=c.label_smoothing, layout=self.layout,
+                      device=self.device)
         if c.task == "rm":
             return rm_objective(rows, fn, self.pad, center_coef=c.center_coef,
-                                use_margin=bool(c.margin_column), device=self.device)
+                                use_margin=bool(c.margin_column), layout=self.layout, device=self.device)
         if c.task == "sft":
-            return sft_objective(rows, fn, self.pad, device=self.device)
+            return sft_objective(rows, fn, self.pad, layout=self.layout, device=self.device)
         if c.task == "dpo":
             return dpo_objective(rows, fn, self.ref, self.pad, **common)
         gamma = c.gamma_at(step, self.total)
@@ -251,14 +261,11 @@ def setup_worker(config: dict) -> Worker:
     cfg = TrainConfig.from_dict(config["cfg"])
     meta = config["meta"]
     ctx = ray.train.get_context()
-    if cfg.use_gpu:
-        import ray.train.torch
+    from prefsel.train.strategy import worker_device
 
-        device = ray.train.torch.get_device()
-    else:
-        device = torch.device("cpu")
-        if not cfg.local_mode:  # local mode shares the caller's process: leave its threads alone
-            torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    device = worker_device(cfg.use_gpu)  # the CPU where a GPU worker finds no CUDA (a simulated GPU node)
+    if device.type == "cpu" and not cfg.local_mode:  # local mode shares the caller's process: leave its threads alone
+        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     total = meta["total_steps"]
@@ -283,7 +290,7 @@ def load_reference(cfg: TrainConfig, device) -> torch.nn.Module:
     from prefsel.models import load_causal_lm
 
     return load_causal_lm(cfg.reference_path, dtype=cfg.reference_dtype, device=str(device),
-                          trust_remote_code=cfg.trust_remote_code)
+                          trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation)
 
 
 def build_engine(w: Worker):
@@ -295,7 +302,7 @@ def build_engine(w: Worker):
     module = build_module(cfg, w.pad_id, deepspeed_config(cfg) if cfg.strategy == "deepspeed" else None)
     ref = load_reference(cfg, w.device) if cfg.needs_reference and cfg.ref_mode == "online" else None
     engine = make_engine(cfg, module, w.total_steps, w.device)
-    return engine, Objective(cfg, ref, w.pad_id, w.device, w.total_steps)
+    return engine, Objective(cfg, ref, w.pad_id, w.device, w.total_steps, model=module.model)
 
 
 def restore(engine) -> int:

@@ -1,9 +1,11 @@
 """The training objectives on one micro-batch: collation + the loss functions of prefsel.losses.
 
-Pure torch (no Ray, no DeepSpeed). Policy log-probs come from prefsel.logprobs.response_logprobs
-(THE log-prob function) through :class:`LogpModule`, rewards from prefsel.logprobs.sequence_rewards
+Pure torch (no Ray, no DeepSpeed). Policy log-probs come from prefsel.logprobs.batch_logprobs
+(THE log-prob function) through :class:`LogpModule`, rewards from prefsel.logprobs.batch_rewards
 through :class:`RewardModule`, so DeepSpeed / DDP wrap a module whose forward is exactly the
-scorer's (or the annotator's) computation. The formulas live in prefsel.losses only.
+scorer's (or the annotator's) computation. A micro-batch is one TokenBatch (prefsel.packing):
+each row's responses are one group, by default packed with the prompt run once, and gradients
+flow through the packed forward. The formulas live in prefsel.losses only.
 
 Each objective returns (loss, stats): `loss` is the mean over the micro-batch (a scalar with
 gradient); `stats` holds SUMS (and counts) so micro-batches and ranks can be aggregated exactly:
@@ -22,7 +24,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from prefsel.logprobs import collate_sequences, response_logprobs, sequence_rewards
+from prefsel.logprobs import batch_logprobs, batch_rewards
+from prefsel.packing import Layout, TokenBatch, one_batch
 from prefsel.losses import (
     bt_loss,
     dpo_loss,
@@ -37,50 +40,51 @@ STAT_KEYS = ("n", "loss", "acc", "acc_n", "chosen", "rejected", "margin", "token
 
 
 class LogpModule(torch.nn.Module):
-    """forward(ids, attn, resp_mask) -> summed response log-probs [B] (float64, differentiable)."""
+    """forward(batch: TokenBatch) -> summed response log-probs [S] (float64, differentiable)."""
 
     def __init__(self, model: torch.nn.Module, chunk_tokens: int = 1024) -> None:
         super().__init__()
         self.model = model
         self.chunk_tokens = chunk_tokens
 
-    def forward(self, input_ids, attention_mask, response_mask):
-        return response_logprobs(self.model, input_ids, attention_mask, response_mask, chunk_tokens=self.chunk_tokens)
+    def forward(self, batch: TokenBatch):
+        return batch_logprobs(self.model, batch, chunk_tokens=self.chunk_tokens)
 
 
 class RewardModule(torch.nn.Module):
-    """forward(ids, attn) -> the sequence classifier's reward [B] (float32, differentiable).
+    """forward(batch: TokenBatch) -> the sequence classifier's reward [S] (float32, differentiable).
 
-    prefsel.logprobs.sequence_rewards (THE reward read, shared with `prefsel annotate`): the
-    head at each row's last real token, found from the attention mask, so the reward never
-    depends on which id pads nor on the padding side; any head name, peft unwrapped.
+    prefsel.logprobs.batch_rewards (THE reward read, shared with `prefsel annotate`): the head at
+    each sequence's last real token, so the reward never depends on which id pads, the padding
+    side or the layout; any head name, peft unwrapped.
     """
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, attention_mask):
-        return sequence_rewards(self.model, input_ids, attention_mask)
+    def forward(self, batch: TokenBatch):
+        return batch_rewards(self.model, batch)
 
 
 def _stats(**kw) -> dict:
     return {k: float(kw.get(k, 0.0)) for k in STAT_KEYS}
 
 
-def _logps(policy: Callable, prompts, responses, pad_id: int, device) -> tuple[torch.Tensor, int]:
-    ids, attn, resp = collate_sequences(prompts, responses, pad_id, "right", device)
-    return policy(ids, attn, resp), int(attn.sum())
+def _batch(rows, slots, pad_id: int, layout: Layout, device) -> TokenBatch:
+    """One TokenBatch: row i's responses `slots[i]` (indices into its response_ids), one group per row."""
+    groups = [(rows[i]["prompt_ids"], [rows[i]["response_ids"][j] for j in s]) for i, s in enumerate(slots)]
+    return one_batch(groups, pad_id, layout, device)
 
 
-def _ref_logps(rows, picks, ref_model, prompts, responses, pad_id, device) -> torch.Tensor:
-    """Reference log-probs of the picked responses: from the precomputed column, or online."""
+def _ref_logps(rows, slots, ref_model, batch: TokenBatch) -> torch.Tensor:
+    """Reference log-probs of the slotted responses, in batch order: precomputed, or online on
+    the policy's own batch."""
     if ref_model is None:
-        vals = [rows[i]["ref_logps"][j] for i, j in picks]
-        return torch.tensor(vals, dtype=torch.float64, device=device)
-    ids, attn, resp = collate_sequences(prompts, responses, pad_id, "right", device)
+        vals = [rows[i]["ref_logps"][j] for i, s in enumerate(slots) for j in s]
+        return torch.tensor(vals, dtype=torch.float64, device=batch.input_ids.device)
     with torch.no_grad():
-        return response_logprobs(ref_model, ids, attn, resp).detach()
+        return batch.in_order(batch_logprobs(ref_model, batch)).detach()
 
 
 def pair_objective(
@@ -93,20 +97,21 @@ def pair_objective(
     beta: float,
     loss_type: str,
     label_smoothing: float,
+    layout: Layout = Layout(),
     device=None,
 ):
     """DPO-family loss on (chosen, rejected) response indices per row (DPO, HPS sample mode).
 
-    One concatenated forward: rows' chosen then rejected sequences.
+    One forward: each row's chosen and rejected as one group (prompt shared by default).
     """
     b = len(rows)
-    picks = [(i, c) for i, (c, _) in enumerate(pairs)] + [(i, r) for i, (_, r) in enumerate(pairs)]
-    prompts = [rows[i]["prompt_ids"] for i, _ in picks]
-    responses = [rows[i]["response_ids"][j] for i, j in picks]
-    pol, tokens = _logps(policy, prompts, responses, pad_id, device)
-    ref = _ref_logps(rows, picks, ref_model, prompts, responses, pad_id, device).to(pol.device)
+    slots = [list(p) for p in pairs]
+    batch = _batch(rows, slots, pad_id, layout, device)
+    pol = batch.in_order(policy(batch)).view(b, 2)
+    ref = _ref_logps(rows, slots, ref_model, batch).to(pol.device).view(b, 2)
+    tokens = batch.stats.tokens
     out = dpo_loss(
-        pol[:b].float(), pol[b:].float(), ref[:b].float(), ref[b:].float(),
+        pol[:, 0].float(), pol[:, 1].float(), ref[:, 0].float(), ref[:, 1].float(),
         beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
     )
     loss = out.losses.mean()
@@ -118,9 +123,10 @@ def pair_objective(
     return loss, stats
 
 
-def dpo_objective(rows, policy, ref_model, pad_id, *, beta, loss_type, label_smoothing, device=None):
+def dpo_objective(rows, policy, ref_model, pad_id, *, beta, loss_type, label_smoothing, layout: Layout = Layout(),
+                  device=None):
     return pair_objective(rows, [(0, 1)] * len(rows), policy, ref_model, pad_id, beta=beta,
-                          loss_type=loss_type, label_smoothing=label_smoothing, device=device)
+                          loss_type=loss_type, label_smoothing=label_smoothing, layout=layout, device=device)
 
 
 def hps_sample_pairs(rows: Sequence[dict], gamma: float, rngs: Sequence[np.random.Generator]) -> list[tuple[int, int]]:
@@ -141,6 +147,7 @@ def hps_multi_objective(
     scale_by_n_minus_1: bool = True,
     negatives: int | None = None,
     rngs: Sequence[np.random.Generator] | None = None,
+    layout: Layout = Layout(),
     device=None,
 ):
     """HPS paper loss over all n-1 negatives (or a Monte Carlo subset of `negatives` of them).
@@ -160,11 +167,10 @@ def hps_multi_objective(
         slots.append([c, *negs])
         counts.append(n - 1)
     width = max(len(s) for s in slots)
-    picks = [(i, j) for i, s in enumerate(slots) for j in s]
-    prompts = [rows[i]["prompt_ids"] for i, _ in picks]
-    responses = [rows[i]["response_ids"][j] for i, j in picks]
-    pol, tokens = _logps(policy, prompts, responses, pad_id, device)
-    ref = _ref_logps(rows, picks, ref_model, prompts, responses, pad_id, device).to(pol.device)
+    batch = _batch(rows, slots, pad_id, layout, device)
+    pol = batch.in_order(policy(batch))
+    ref = _ref_logps(rows, slots, ref_model, batch).to(pol.device)
+    tokens = batch.stats.tokens
     b = len(rows)
     dev = pol.device
     pol_m = torch.zeros(b, width, dtype=torch.float32, device=dev)
@@ -204,14 +210,12 @@ def hps_multi_objective(
 
 
 def rm_objective(rows, reward_fn: Callable, pad_id: int, *, center_coef: float = 0.0,
-                 use_margin: bool = False, device=None):
+                 use_margin: bool = False, layout: Layout = Layout(), device=None):
     """Bradley-Terry loss: -logsigmoid(r_w - r_l - margin) (+ centering); rows are pairs."""
     b = len(rows)
-    prompts = [r["prompt_ids"] for r in rows] * 2
-    responses = [r["response_ids"][0] for r in rows] + [r["response_ids"][1] for r in rows]
-    ids, attn, _ = collate_sequences(prompts, responses, pad_id, "right", device)
-    rewards = reward_fn(ids, attn)
-    rc, rr = rewards[:b], rewards[b:]
+    batch = _batch(rows, [[0, 1]] * b, pad_id, layout, device)
+    rewards = batch.in_order(reward_fn(batch)).view(b, 2)
+    rc, rr = rewards[:, 0], rewards[:, 1]
     margin = None
     if use_margin:
         margin = torch.tensor([r["margin"] for r in rows], dtype=rc.dtype, device=rc.device)
@@ -219,12 +223,12 @@ def rm_objective(rows, reward_fn: Callable, pad_id: int, *, center_coef: float =
     rcd, rrd = rc.detach(), rr.detach()
     stats = _stats(
         n=b, loss=losses.detach().sum(), acc=reward_accuracy(rcd, rrd) * b, acc_n=b,
-        chosen=rcd.sum(), rejected=rrd.sum(), margin=(rcd - rrd).sum(), tokens=int(attn.sum()),
+        chosen=rcd.sum(), rejected=rrd.sum(), margin=(rcd - rrd).sum(), tokens=batch.stats.tokens,
     )
     return losses.mean(), stats
 
 
-def sft_objective(rows, policy: Callable, pad_id: int, *, device=None):
+def sft_objective(rows, policy: Callable, pad_id: int, *, layout: Layout = Layout(), device=None):
     """Supervised fine-tuning on the chosen response (response_ids[0]) of each row.
 
     loss = -(sum of chosen-response token log-probs) / (number of chosen-response tokens), over
@@ -232,15 +236,13 @@ def sft_objective(rows, policy: Callable, pad_id: int, *, device=None):
     mean NLL per token; `chosen` sums each row's mean log-prob per token; acc/acc_n stay 0.
     """
     b = len(rows)
-    prompts = [r["prompt_ids"] for r in rows]
-    responses = [r["response_ids"][0] for r in rows]
-    ids, attn, resp = collate_sequences(prompts, responses, pad_id, "right", device)
-    logp = policy(ids, attn, resp)  # [B] summed response log-probs
-    ntok = resp.sum(-1).to(logp.dtype).clamp(min=1)
+    batch = _batch(rows, [[0]] * b, pad_id, layout, device)
+    logp = batch.in_order(policy(batch))  # [B] summed response log-probs
+    ntok = torch.tensor([len(r["response_ids"][0]) for r in rows], dtype=logp.dtype, device=logp.device).clamp(min=1)
     loss = -(logp.sum() / ntok.sum())
     per_tok = (logp.detach() / ntok).float()
     stats = _stats(n=b, loss=(-per_tok).sum(), acc=0.0, acc_n=0.0, chosen=per_tok.sum(),
-                   tokens=int(attn.sum()))
+                   tokens=batch.stats.tokens)
     return loss.float(), stats
 
 

@@ -38,6 +38,54 @@ class Engine(Protocol):
     def full_state_dict(self) -> dict | None: ...  # full (ZeRO-3: gathered) weights on rank 0, else None
 
 
+# ---- device and process-group backend: decided where the worker runs ------------------------
+#
+# A worker that asked for a GPU (--use-gpu) normally sees CUDA: it trains on its CUDA device over
+# NCCL. One that got a GPU *resource* but finds no CUDA (a simulated GPU node of
+# prefsel/cluster_sim.py, or CPU-only torch) trains on the CPU over gloo, rather than failing in
+# NCCL. The choice is made in the workers, not from the resources asked for on the driver.
+
+
+def worker_device(use_gpu: bool) -> torch.device:
+    """This worker's device: Ray Train's CUDA device when it asked for a GPU and CUDA is there,
+    else the CPU."""
+    if use_gpu and torch.cuda.is_available():
+        import ray.train.torch
+
+        return ray.train.torch.get_device()
+    return torch.device("cpu")
+
+
+def dist_backend(cuda: bool | None = None) -> str:
+    """The torch.distributed backend for a process with (cuda=True) or without CUDA (None: this
+    process's): nccl on CUDA, gloo otherwise."""
+    if cuda is None:
+        cuda = torch.cuda.is_available()
+    return "nccl" if cuda else "gloo"
+
+
+def process_group_backend(device: torch.device | None = None) -> str:
+    """The backend of the process group Ray Train set up (DeepSpeed's comm must use the same);
+    when there is none yet, the one for `device` (None: for this process)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return str(dist.get_backend())
+    return dist_backend(None if device is None else device.type == "cuda")
+
+
+def backend_for_workers(sees_cuda: list[bool]) -> str:
+    """One backend for a worker group, from whether each worker sees CUDA: nccl if all do, gloo if
+    none does; a mix (some nodes without CUDA) is refused: DDP / ZeRO need one kind of device."""
+    if sees_cuda and all(sees_cuda):
+        return dist_backend(True)
+    if not any(sees_cuda):
+        return dist_backend(False)
+    raise RuntimeError(
+        f"{sum(sees_cuda)} of {len(sees_cuda)} training workers see CUDA: every worker must see a GPU, or none"
+    )
+
+
 def deepspeed_config(cfg) -> dict:
     """DeepSpeed config for ZeRO stage 0/1/2/3 with optional optimizer / parameter offload."""
     zero: dict = {
@@ -125,7 +173,7 @@ class DeepSpeedEngine(_EngineBase):
     def __init__(self, cfg, module: torch.nn.Module, total_steps: int, device: torch.device) -> None:
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+        deepspeed.init_distributed(dist_backend=process_group_backend(device))
         params = [p for p in module.parameters() if p.requires_grad]
         opt = make_optimizer(cfg, params, device)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total_steps))

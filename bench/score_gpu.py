@@ -1,0 +1,194 @@
+"""GPU benchmark of pair scoring: the published loop re-created vs prefsel's layouts (issue: GPU).
+
+Random-initialised Llama-architecture policy and reference shaped like Llama-3.2-1B (hidden
+2048, 16 layers, FFN 8192, 32 heads, 8 KV heads) or Llama-3.1-8B (4096, 32, 14336, 32, 8),
+vocabulary 128256, no downloads, both on one GPU, bf16 weights, float32 log-softmax. Synthetic
+pairs with random ids: prompt uniform in [50, 450), chosen and rejected each in [100, 600).
+
+Rows:
+  - published loop (re-created): fp16, batches of 8 pairs in data order, right padding, NO
+    attention mask, full-vocabulary log-softmax, one pass per column (chosen, rejected) and
+    per model: 4 forwards per batch (Qi, Xu, Jin 2025, src/data_select.py);
+  - prefsel padded (two-pass), packed, packed + shared prompt (prefsel.packing), for each
+    attention backend given (sdpa; flex_attention, compiled by transformers).
+Columns: pairs/s, tokens/s (logical tokens of the 4 sequences a pair costs the published loop,
+the same numerator for every row), MFU = 2 x non-embedding parameters x tokens (prompt counted
+once per pair, per model) / seconds / the card's bf16 matmul rate measured in the same run,
+peak GiB, and max |gap - gap of the padded bf16 row|.
+
+    python bench/score_gpu.py --shape 1b --pairs 512            # on the GPU
+    python bench/score_gpu.py --shape 8b --pairs 256 --attn sdpa flex_attention
+    python bench/score_gpu.py --tiny                             # CPU smoke run (seconds)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _layouts import LAYOUTS, make_groups, sync  # noqa: E402
+
+from prefsel.logprobs import batch_logprobs, map_groups  # noqa: E402
+from prefsel.packing import ForwardStats, Layout  # noqa: E402
+from prefsel.scoring import layout_for  # noqa: E402
+
+SHAPES = {  # hidden, layers, ffn, heads, kv heads, vocab
+    "1b": (2048, 16, 8192, 32, 8, 128256),
+    "8b": (4096, 32, 14336, 32, 8, 128256),
+    "tiny": (64, 2, 128, 4, 2, 512),
+}
+
+
+def build(shape: str, seed: int, dtype: torch.dtype, device: str, attn: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    h, layers, ffn, heads, kv, vocab = SHAPES[shape]
+    cfg = LlamaConfig(hidden_size=h, num_hidden_layers=layers, intermediate_size=ffn, num_attention_heads=heads,
+                      num_key_value_heads=kv, vocab_size=vocab, max_position_embeddings=4096,
+                      tie_word_embeddings=False, attn_implementation=attn)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(dtype)
+    return model.eval()
+
+
+def non_embedding_params(model) -> int:
+    return sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n and "lm_head" not in n)
+
+
+def matmul_rate(device: str, dtype: torch.dtype, n: int = 8192) -> float:
+    """Measured dense matmul FLOP/s of this device and dtype (the MFU denominator)."""
+    if torch.device(device).type != "cuda":
+        n = 512
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    reps = 20 if torch.device(device).type == "cuda" else 3
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+@torch.inference_mode()
+def published_loop(models, groups, device, dtype, batch_size: int = 8) -> list[float]:
+    """The published script's arithmetic: per batch, per column, per model, one padded forward
+    without an attention mask; the sum runs over every position after the prompt, pads included."""
+    gaps = []
+    for i in range(0, len(groups), batch_size):
+        batch = groups[i : i + batch_size]
+        col_logps = []
+        for col in (0, 1):
+            seqs = [p + rs[col] for p, rs in batch]
+            width = max(len(s) for s in seqs)
+            ids = torch.zeros(len(seqs), width, dtype=torch.long)
+            for k, s in enumerate(seqs):
+                ids[k, : len(s)] = torch.tensor(s)
+            ids = ids.to(device)
+            per_model = []
+            for m in models:
+                logp = m(input_ids=ids).logits.to(dtype).log_softmax(-1)
+                tok = logp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+                mask = torch.zeros_like(tok)
+                for k, (p, _) in enumerate(batch):
+                    mask[k, len(p) - 1 :] = 1
+                per_model.append((tok * mask).sum(-1).float().tolist())
+            col_logps.append(per_model)
+        (pc, rc), (pr, rr) = col_logps
+        gaps += [0.1 * ((a - b) - (c - d)) for a, b, c, d in zip(pc, rc, pr, rr)]
+    return gaps
+
+
+def gaps_of(values, n) -> list[float]:
+    pol, ref = values
+    return [0.1 * ((pol[2 * k] - ref[2 * k]) - (pol[2 * k + 1] - ref[2 * k + 1])) for k in range(n)]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", choices=["1b", "8b"], default="1b")
+    ap.add_argument("--pairs", type=int, default=512)
+    ap.add_argument("--attn", nargs="+", default=["sdpa", "flex_attention"], choices=["sdpa", "eager", "flex_attention"])
+    ap.add_argument("--max-tokens", type=int, default=32768, help="prefsel token slots per forward")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--no-published", action="store_true", help="skip the published loop row")
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke run: a 2-layer model, 8 pairs, fp32")
+    ap.add_argument("--json", metavar="OUT")
+    args = ap.parse_args(argv)
+    shape = "tiny" if args.tiny else args.shape
+    device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    n = 8 if args.tiny else args.pairs
+    vocab = SHAPES[shape][-1]
+    groups = make_groups(n, 2, (50, 450), (100, 600), vocab, seed=0)
+    prompt_tokens = sum(len(p) for p, _ in groups)
+    response_tokens = sum(len(r) for _, rs in groups for r in rs)
+    logical = 2 * sum(len(p) + len(r) for p, rs in groups for r in rs)  # both models, prompt per sequence
+    flops_tokens = 2 * (prompt_tokens + response_tokens)  # both models, prompt once per pair
+    rate = matmul_rate(device, dtype)
+    name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    print(f"device {name}, torch {torch.__version__}, shape {shape} {SHAPES[shape]}, {n} pairs, "
+          f"dtype {dtype}, measured matmul rate {rate / 1e12:.1f} TFLOP/s")
+    rows, base = [], None
+
+    def record(label, seconds, gaps, peak):
+        nonlocal base
+        base = base or gaps
+        err = max(abs(a - b) for a, b in zip(gaps, base))
+        mfu = 2 * params * flops_tokens / seconds / rate
+        rows.append({"row": label, "pairs_per_s": round(n / seconds, 2), "tokens_per_s": round(logical / seconds),
+                     "mfu": round(mfu, 3), "peak_gib": round(peak, 2), "max_gap_diff": err, "seconds": round(seconds, 3)})
+        print(rows[-1], flush=True)
+
+    for attn in args.attn:
+        models = [build(shape, s, dtype, device, attn) for s in (1, 2)]
+        params = non_embedding_params(models[0])
+        for label, layout in LAYOUTS.items():
+            lay = layout_for(models, Layout(packing=layout.packing, share_prompt=layout.share_prompt,
+                                            max_tokens=args.max_tokens))
+            best, values = None, None
+            for _ in range(args.repeats):
+                if device == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                sync(device)
+                t0 = time.perf_counter()
+                with torch.inference_mode():
+                    values = map_groups([lambda b, m=m: batch_logprobs(m, b) for m in models], groups, 0, lay,
+                                        device=device, stats=ForwardStats())
+                sync(device)
+                dt = time.perf_counter() - t0
+                best = dt if best is None else min(best, dt)
+            peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0
+            record(f"prefsel {label}, {attn}", best, gaps_of(values, n), peak)
+        if not args.no_published and attn == args.attn[0]:
+            models16 = [m.to(torch.float16 if device == "cuda" else dtype) for m in models]
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            sync(device)
+            t0 = time.perf_counter()
+            gaps = published_loop(models16, groups, device, torch.float16 if device == "cuda" else dtype)
+            sync(device)
+            peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0
+            record("published loop (re-created), fp16, batch 8", time.perf_counter() - t0, gaps, peak)
+        del models
+    print("\n| row | pairs/s | tokens/s | MFU | peak GiB | max gap diff vs first row |\n|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['row']} | {r['pairs_per_s']} | {r['tokens_per_s']} | {r['mfu']:.1%} | {r['peak_gib']} | "
+              f"{r['max_gap_diff']:.2e} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": name, "shape": shape, "pairs": n, "rows": rows, "matmul_flops": rate}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
