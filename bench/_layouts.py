@@ -17,8 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from prefsel.logprobs import batch_logprobs, batch_rewards, map_groups
-from prefsel.packing import ForwardStats, Group, Layout
-from prefsel.scoring import layout_for
+from prefsel.packing import ForwardStats, Group, Layout, layout_for
 
 LAYOUTS = {
     "padded (two-pass)": Layout(packing=False),

@@ -35,8 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _layouts import LAYOUTS, make_groups, sync  # noqa: E402
 
 from prefsel.logprobs import batch_logprobs, map_groups  # noqa: E402
-from prefsel.packing import ForwardStats, Layout  # noqa: E402
-from prefsel.scoring import layout_for  # noqa: E402
+from prefsel.packing import ForwardStats, Layout, layout_for  # noqa: E402
 
 SHAPES = {  # hidden, layers, ffn, heads, kv heads, vocab
     "1b": (2048, 16, 8192, 32, 8, 128256),

@@ -87,6 +87,15 @@ class Layout:
                       max_tokens=self.max_tokens, max_rows=self.max_rows)
 
 
+def layout_for(models: Sequence[torch.nn.Module], layout: Layout) -> Layout:
+    """`layout` as the models' attention backends can run it (see Layout.for_attention)."""
+    for m in models:
+        cfg = m.config.get_text_config() if hasattr(m.config, "get_text_config") else m.config
+        layout = layout.for_attention(getattr(m.config, "_attn_implementation", None),
+                                      getattr(cfg, "hidden_size", None))
+    return layout
+
+
 def resolve_attn(attn: str | None) -> str | None:
     """The `attn_implementation` to load models with. `auto` (and None): transformers' default,
     sdpa where the architecture supports it, else eager (Gemma 2): both exact with prefsel's

@@ -19,7 +19,7 @@ import torch
 
 from prefsel.gap import DEFAULT_BETA, reward_gap
 from prefsel.logprobs import DEFAULT_CHUNK_TOKENS, batch_logprobs, map_groups
-from prefsel.packing import DEFAULT_MAX_TOKENS_PER_BATCH, ForwardStats, Group, Layout
+from prefsel.packing import DEFAULT_MAX_TOKENS_PER_BATCH, ForwardStats, Group, Layout, layout_for
 from prefsel.tokenization import TokenizedExample
 
 SCORE_COLUMNS = (
@@ -58,19 +58,6 @@ class ScoreConfig:
     def layout(self) -> Layout:
         return Layout(packing=self.packing, share_prompt=self.share_prompt, padding_side=self.padding_side,
                       max_tokens=self.max_tokens_per_batch, max_rows=self.max_batch_size)
-
-
-def layout_for(models: Sequence[torch.nn.Module], layout: Layout) -> Layout:
-    """`layout` as the models' attention backends can run it (see Layout.for_attention)."""
-    for m in models:
-        layout = layout.for_attention(getattr(m.config, "_attn_implementation", None), hidden_size(m))
-    return layout
-
-
-def hidden_size(model: torch.nn.Module) -> int | None:
-    cfg = model.config
-    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    return getattr(cfg, "hidden_size", None)
 
 
 @torch.inference_mode()

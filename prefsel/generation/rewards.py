@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from prefsel.logprobs import batch_rewards, map_groups
-from prefsel.packing import ForwardStats, Group, Layout
+from prefsel.packing import ForwardStats, Group, Layout, layout_for
 
 
 def load_reward_model(path: str, *, dtype: str = "auto", device: str | None = None,
@@ -49,8 +49,6 @@ def score_groups(
     """Reward of every (prompt, response) of `groups` ((prompt, responses) pairs), in (group,
     response) order; independent of how they are batched and laid out. By default a prompt's K
     responses share one run of the prompt (prefsel.packing)."""
-    from prefsel.scoring import layout_for
-
     layout = layout_for([model], layout or Layout())
     with torch.no_grad():
         (rewards,) = map_groups([lambda batch: batch_rewards(model, batch)], groups, pad_token_id, layout,

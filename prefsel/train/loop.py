@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from prefsel.packing import Layout, resolve_attn
+from prefsel.packing import Layout, layout_for, resolve_attn
 from prefsel.train.config import TrainConfig, is_local_uri
 from prefsel.train.data import (
     epoch_order,
@@ -92,8 +92,6 @@ class Objective:
 
     def __init__(self, cfg: TrainConfig, ref_model, pad_id: int, device, total_steps: int,
                  model: torch.nn.Module | None = None) -> None:
-        from prefsel.scoring import layout_for
-
         self.cfg, self.ref, self.pad, self.device, self.total = cfg, ref_model, pad_id, device, total_steps
         layout = Layout(packing=cfg.packing, share_prompt=cfg.share_prompt)
         self.layout = layout_for([model], layout) if model is not None else layout
