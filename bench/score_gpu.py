@@ -14,10 +14,13 @@ Rows:
 Columns: pairs/s, tokens/s (logical tokens of the 4 sequences a pair costs the published loop,
 the same numerator for every row), MFU = 2 x non-embedding parameters x tokens (prompt counted
 once per pair, per model) / seconds / the card's bf16 matmul rate measured in the same run,
-peak GiB, and max |gap - gap of the padded bf16 row|.
+peak GiB, and max |gap - gap of the padded bf16 row|; the compute limit in pairs/s at the measured
+rate. `--exactness`: the bf16 engine against the same weights in float32 (TF32 off): max and
+median gap error, overlap of the two smallest-10% selections. `--profile TXT`: torch.profiler's
+operator table of one packed + shared call (where the time goes when a target is missed).
 
-    python bench/score_gpu.py --shape 1b --pairs 512            # on the GPU
-    python bench/score_gpu.py --shape 8b --pairs 256 --attn sdpa flex_attention
+    python bench/score_gpu.py --shape 1b --pairs 512 --exactness --profile prof.txt   # on the GPU
+    python bench/score_gpu.py --shape 8b --pairs 192 --attn sdpa flex_attention
     python bench/score_gpu.py --tiny                             # CPU smoke run (seconds)
 """
 
@@ -33,33 +36,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _layouts import LAYOUTS, make_groups, sync  # noqa: E402
+from _shapes import SHAPES, build_shape, lengths_for, non_embedding_params  # noqa: E402
 
 from prefsel.logprobs import batch_logprobs, map_groups  # noqa: E402
 from prefsel.packing import ForwardStats, Layout, layout_for  # noqa: E402
-
-SHAPES = {  # hidden, layers, ffn, heads, kv heads, vocab
-    "1b": (2048, 16, 8192, 32, 8, 128256),
-    "8b": (4096, 32, 14336, 32, 8, 128256),
-    "tiny": (64, 2, 128, 4, 2, 512),
-}
-
-
-def build(shape: str, seed: int, dtype: torch.dtype, device: str, attn: str):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    h, layers, ffn, heads, kv, vocab = SHAPES[shape]
-    cfg = LlamaConfig(hidden_size=h, num_hidden_layers=layers, intermediate_size=ffn, num_attention_heads=heads,
-                      num_key_value_heads=kv, vocab_size=vocab, max_position_embeddings=4096,
-                      tie_word_embeddings=False, attn_implementation=attn)
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = LlamaForCausalLM(cfg).to(dtype)
-    return model.eval()
-
-
-def non_embedding_params(model) -> int:
-    return sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n and "lm_head" not in n)
-
 
 def matmul_rate(device: str, dtype: torch.dtype, n: int = 8192) -> float:
     """Measured dense matmul FLOP/s of this device and dtype (the MFU denominator)."""
@@ -112,6 +92,53 @@ def gaps_of(values, n) -> list[float]:
     return [0.1 * ((pol[2 * k] - ref[2 * k]) - (pol[2 * k + 1] - ref[2 * k + 1])) for k in range(n)]
 
 
+def run_engine(models, groups, layout: Layout, device: str) -> list[float]:
+    """Gaps (beta 0.1) of prefsel's engine: map_groups over policy and reference, one layout."""
+    with torch.inference_mode():
+        values = map_groups([lambda b, m=m: batch_logprobs(m, b) for m in models], groups, 0,
+                            layout_for(models, layout), device=device, stats=ForwardStats())
+    return gaps_of(values, len(groups))
+
+
+def selection_agreement(gaps: list[float], exact: list[float], ratio: float = 0.1) -> dict:
+    """max / median |gap - exact| and the overlap of the two smallest-`ratio` selections."""
+    err = sorted(abs(a - b) for a, b in zip(gaps, exact))
+    k = max(1, int(len(gaps) * ratio))
+    pick = set(sorted(range(len(gaps)), key=gaps.__getitem__)[:k])
+    want = set(sorted(range(len(exact)), key=exact.__getitem__)[:k])
+    return {"max_err": err[-1], "median_err": err[len(err) // 2], "k": k, "overlap": len(pick & want),
+            "gap_spread": max(exact) - min(exact)}
+
+
+def profile_table(models, groups, layout: Layout, device: str, rows: int = 25, trace: str | None = None) -> str:
+    """torch.profiler over one engine call: the operators that take the time, device time first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    run_engine(models, groups[:8], layout, device)  # warm (compilation, autotuning) outside the trace
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        run_engine(models, groups, layout, device)
+        sync(device)
+    if trace:
+        prof.export_chrome_trace(trace)
+    averages = prof.key_averages()
+    for key in (("self_device_time_total", "self_cuda_time_total") if device == "cuda" else ("self_cpu_time_total",)):
+        try:
+            return averages.table(sort_by=key, row_limit=rows)
+        except (AttributeError, KeyError, ValueError):
+            continue
+    return averages.table(row_limit=rows)
+
+
+def peak_gib(device: str) -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0
+
+
+def reset_peak(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", choices=["1b", "8b"], default="1b")
@@ -120,15 +147,22 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=32768, help="prefsel token slots per forward")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--no-published", action="store_true", help="skip the published loop row")
+    ap.add_argument("--exactness", action="store_true",
+                    help="also score with the same weights in float32 (TF32 off): gap errors of the bf16 "
+                         "engine and the overlap of the two smallest-10%% selections")
+    ap.add_argument("--profile", metavar="TXT", help="write a torch.profiler table of one packed + shared "
+                                                      "call (first --attn) here")
+    ap.add_argument("--trace", metavar="JSON", help="with --profile: also a Chrome trace")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run: a 2-layer model, 8 pairs, fp32")
     ap.add_argument("--json", metavar="OUT")
     args = ap.parse_args(argv)
     shape = "tiny" if args.tiny else args.shape
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    n = 8 if args.tiny else args.pairs
+    n = 16 if args.tiny else args.pairs
     vocab = SHAPES[shape][-1]
-    groups = make_groups(n, 2, (50, 450), (100, 600), vocab, seed=0)
+    prompt_len, response_len = lengths_for(shape)
+    groups = make_groups(n, 2, prompt_len, response_len, vocab, seed=0)
     prompt_tokens = sum(len(p) for p, _ in groups)
     response_tokens = sum(len(r) for _, rs in groups for r in rs)
     logical = 2 * sum(len(p) + len(r) for p, rs in groups for r in rs)  # both models, prompt per sequence
@@ -136,8 +170,11 @@ def main(argv=None) -> int:
     rate = matmul_rate(device, dtype)
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     print(f"device {name}, torch {torch.__version__}, shape {shape} {SHAPES[shape]}, {n} pairs, "
-          f"dtype {dtype}, measured matmul rate {rate / 1e12:.1f} TFLOP/s")
-    rows, base = [], None
+          f"dtype {dtype}, measured matmul rate {rate / 1e12:.1f} TFLOP/s", flush=True)
+    rows, base, result = [], None, {"device": name, "shape": shape, "pairs": n, "matmul_flops": rate,
+                                    "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__}
+    params = 0
+    bf16_gaps = None
 
     def record(label, seconds, gaps, peak):
         nonlocal base
@@ -149,43 +186,66 @@ def main(argv=None) -> int:
         print(rows[-1], flush=True)
 
     for attn in args.attn:
-        models = [build(shape, s, dtype, device, attn) for s in (1, 2)]
+        models = [build_shape(shape, s, dtype, device, attn) for s in (1, 2)]
         params = non_embedding_params(models[0])
         for label, layout in LAYOUTS.items():
-            lay = layout_for(models, Layout(packing=layout.packing, share_prompt=layout.share_prompt,
-                                            max_tokens=args.max_tokens))
-            best, values = None, None
-            for _ in range(args.repeats):
-                if device == "cuda":
-                    torch.cuda.reset_peak_memory_stats()
+            lay = Layout(packing=layout.packing, share_prompt=layout.share_prompt, max_tokens=args.max_tokens)
+            best, gaps = None, None
+            for _ in range(args.repeats):  # the first call of flex_attention compiles: best of repeats
+                reset_peak(device)
                 sync(device)
                 t0 = time.perf_counter()
-                with torch.inference_mode():
-                    values = map_groups([lambda b, m=m: batch_logprobs(m, b) for m in models], groups, 0, lay,
-                                        device=device, stats=ForwardStats())
+                gaps = run_engine(models, groups, lay, device)
                 sync(device)
                 dt = time.perf_counter() - t0
                 best = dt if best is None else min(best, dt)
-            peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0
-            record(f"prefsel {label}, {attn}", best, gaps_of(values, n), peak)
+            record(f"prefsel {label}, {attn}", best, gaps, peak_gib(device))
+            if attn == args.attn[0] and lay.share_prompt:
+                bf16_gaps = gaps
+        if args.profile and attn == args.attn[0]:
+            table = profile_table(models, groups, Layout(max_tokens=args.max_tokens), device, trace=args.trace)
+            with open(args.profile, "w") as f:
+                f.write(f"{name}, shape {shape}, {n} pairs, prefsel packed + shared prompt, {attn}\n{table}\n")
+            print(table, flush=True)
+        if args.exactness and attn == args.attn[0]:
+            prev = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = False  # a true float32 reference
+            models32 = [m.float() for m in models]  # the same (bf16-valued) weights, float32 compute
+            gaps32 = run_engine(models32, groups, Layout(max_tokens=args.max_tokens // 2), device)
+            torch.backends.cuda.matmul.allow_tf32 = prev
+            result["exactness"] = {"engine": f"packed + shared prompt, {attn}", "dtype": str(dtype),
+                                   **selection_agreement(bf16_gaps, gaps32)}
+            print("exactness:", result["exactness"], flush=True)
+            models = models32
         if not args.no_published and attn == args.attn[0]:
             models16 = [m.to(torch.float16 if device == "cuda" else dtype) for m in models]
-            if device == "cuda":
-                torch.cuda.reset_peak_memory_stats()
+            reset_peak(device)
             sync(device)
             t0 = time.perf_counter()
             gaps = published_loop(models16, groups, device, torch.float16 if device == "cuda" else dtype)
             sync(device)
-            peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0
-            record("published loop (re-created), fp16, batch 8", time.perf_counter() - t0, gaps, peak)
+            record("published loop (re-created), fp16, batch 8", time.perf_counter() - t0, gaps, peak_gib(device))
+            del models16
         del models
-    print("\n| row | pairs/s | tokens/s | MFU | peak GiB | max gap diff vs first row |\n|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['row']} | {r['pairs_per_s']} | {r['tokens_per_s']} | {r['mfu']:.1%} | {r['peak_gib']} | "
-              f"{r['max_gap_diff']:.2e} |")
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    limit = rate * n / (2 * params * flops_tokens)
+    result.update(rows=rows, compute_limit_pairs_per_s=limit)
+    lines = [f"{name}, {time.strftime('%Y-%m-%d')}, shape {shape}, {n} pairs, {dtype}; compute limit at the "
+             f"measured {rate / 1e12:.3g} TFLOP/s: {limit:.1f} pairs/s", "",
+             "| row | pairs/s | tokens/s | MFU | peak GiB | max gap diff vs first row |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['row']} | {r['pairs_per_s']} | {r['tokens_per_s']} | {r['mfu']:.1%} | {r['peak_gib']} | "
+              f"{r['max_gap_diff']:.2e} |" for r in rows]
+    if "exactness" in result:
+        e = result["exactness"]
+        lines += ["", f"bf16 engine vs float32 (same weights, TF32 off), {e['engine']}: max |gap error| "
+                      f"{e['max_err']:.2e}, median {e['median_err']:.2e} (gap spread {e['gap_spread']:.2f}); "
+                      f"smallest-10% selections overlap {e['overlap']}/{e['k']}"]
+    print("\n" + "\n".join(lines))
+    result["table"] = "\n".join(lines)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": name, "shape": shape, "pairs": n, "rows": rows, "matmul_flops": rate}, f, indent=1)
+            json.dump(result, f, indent=1)
     return 0
 
 

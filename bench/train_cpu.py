@@ -19,8 +19,10 @@ step 0. Data: the bundled arithmetic pairs (`prefsel.demo_data.make_demo_pairs`)
 Reported per method: optimizer steps/s and tokens/s over the training loop alone (TRL:
 `train_runtime`; prefsel: the worker loop's wall time; neither includes model loading or
 tokenization), and the wall time of the whole call (tokenization, model loading, Ray start-up,
-reference precompute). Tokens = real (non-pad) tokens of the policy forwards: prompt+chosen and
-prompt+rejected sequences of every trained pair, counted from each method's own tokenization.
+reference precompute). Tokens = the tokens of the prompt+chosen and prompt+rejected sequences of
+every trained pair (TRL's tokenization; the same pairs for every method, so tokens/s ratios are
+steps/s ratios), although prefsel forwards each prompt once. Both train without gradient
+checkpointing (TRL 1.16 turns it on unless told otherwise).
 
 Correctness first: on the same 8 pairs, prefsel's `dpo_objective` and TRL's `compute_loss`
 must give the same loss (the two tokenize identically on this data: one BOS, EOS appended,
@@ -34,6 +36,7 @@ no BPE merge across the prompt/response join), else the timings would compare di
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -47,47 +50,78 @@ from prefsel.demo_data import make_demo_pairs
 from prefsel.tiny import build_tiny_pair
 
 
-def trl_trainer(args, pol_dir: str, ref_dir: str, rows: list[dict], out_dir: str):
-    """TRL's DPOTrainer with the benchmark's settings (its dataset is tokenized here)."""
+def trl_trainer(args, pol_dir: str, ref_dir: str, rows: list[dict], out_dir: str, *, device: str = "cpu",
+                dtype: torch.dtype = torch.float32, ref_dtype: torch.dtype | None = None, bf16: bool = False,
+                gradient_checkpointing: bool | None = None, sequential: bool = False, model=None, ref_model=None,
+                callbacks=()):
+    """TRL's DPOTrainer with the benchmark's settings (its dataset is tokenized here).
+
+    The defaults are this script's run: CPU, fp32 weights, no mixed precision, TRL's own default
+    for gradient checkpointing (None: not set; TRL turns it on), a seeded random batch order.
+    bench/train_gpu.py passes the device, the weights' dtypes (`dtype` for the policy, `ref_dtype`
+    for the reference, default `dtype`), `bf16` (mixed precision), checkpointing explicitly,
+    `sequential` (rows in the order given, so its batches are prefsel's) and, optionally, models
+    already loaded (`model`, `ref_model`) instead of loading them from the folders."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
     from trl import DPOConfig, DPOTrainer
 
     tok = AutoTokenizer.from_pretrained(pol_dir)
-    model = AutoModelForCausalLM.from_pretrained(pol_dir, dtype=torch.float32)
-    ref = AutoModelForCausalLM.from_pretrained(ref_dir, dtype=torch.float32)
+    if model is None:
+        model = AutoModelForCausalLM.from_pretrained(pol_dir, dtype=dtype)
+    if ref_model is None:
+        ref_model = AutoModelForCausalLM.from_pretrained(ref_dir, dtype=ref_dtype or dtype)
     data = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
+    extra = {}
+    if gradient_checkpointing is not None:
+        extra["gradient_checkpointing"] = gradient_checkpointing
+    if sequential:
+        if "train_sampling_strategy" not in {f.name for f in dataclasses.fields(DPOConfig)}:
+            raise RuntimeError("this transformers has no TrainingArguments.train_sampling_strategy (5.x has): "
+                               "TRL's batches cannot be put in prefsel's order")
+        extra["train_sampling_strategy"] = "sequential"
     cfg = DPOConfig(
-        output_dir=out_dir, use_cpu=True, report_to="none", save_strategy="no", seed=args.seed,
+        output_dir=out_dir, use_cpu=device == "cpu", report_to="none", save_strategy="no", seed=args.seed,
         per_device_train_batch_size=args.micro_batch,
         gradient_accumulation_steps=args.batch // args.micro_batch,
         num_train_epochs=1, learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0,
-        optim="adamw_torch", adam_beta1=0.9, adam_beta2=0.95, weight_decay=0.0, max_grad_norm=1.0,
+        # fused AdamW on CUDA, as prefsel's make_optimizer uses there
+        optim="adamw_torch_fused" if device == "cuda" else "adamw_torch", adam_beta1=0.9, adam_beta2=0.95,
+        weight_decay=0.0, max_grad_norm=1.0,
         beta=args.beta, loss_type=["sigmoid"], max_length=None, logging_steps=args.logging_steps,
-        dataloader_num_workers=0, disable_tqdm=True, bf16=False, fp16=False,
+        dataloader_num_workers=0, disable_tqdm=True, bf16=bf16, fp16=False, **extra,
     )
-    trainer = DPOTrainer(model=model, ref_model=ref, args=cfg, train_dataset=data, processing_class=tok)
+    trainer = DPOTrainer(model=model, ref_model=ref_model, args=cfg, train_dataset=data, processing_class=tok,
+                         callbacks=list(callbacks) or None)
     trainer.remove_callback(PrinterCallback)  # its per-step dicts; the table reports the run
     return trainer
 
 
-def run_trl(args, pol_dir, ref_dir, rows, out_dir) -> dict:
-    t0 = time.perf_counter()
-    trainer = trl_trainer(args, pol_dir, ref_dir, rows, out_dir)
-    out = trainer.train()
-    wall = time.perf_counter() - t0
+def trl_tokens(trainer) -> int:
+    """Prompt+response tokens of the policy forwards of every pair of the trainer's dataset (its own tokenization)."""
     ds = trainer.train_dataset
-    tokens = sum(2 * len(p) + len(c) + len(r) for p, c, r in zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"]))
+    return sum(2 * len(p) + len(c) + len(r) for p, c, r in zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"]))
+
+
+def train_trl(args, pol_dir, ref_dir, rows, out_dir, **trainer_kw):
+    """(trainer, TrainOutput, wall seconds of the whole call): a TRL run, models loaded in the call."""
+    t0 = time.perf_counter()
+    trainer = trl_trainer(args, pol_dir, ref_dir, rows, out_dir, **trainer_kw)
+    out = trainer.train()
+    return trainer, out, time.perf_counter() - t0
+
+
+def run_trl(args, pol_dir, ref_dir, rows, out_dir) -> dict:
+    # TRL 1.16 turns gradient checkpointing on by default; prefsel's default is off: compare like with like
+    trainer, out, wall = train_trl(args, pol_dir, ref_dir, rows, out_dir, gradient_checkpointing=False)
     steps = trainer.state.global_step
     loop = out.metrics["train_runtime"]
-    return {"steps": steps, "loop_s": loop, "wall_s": wall, "tokens": tokens,
+    return {"steps": steps, "loop_s": loop, "wall_s": wall, "tokens": trl_tokens(trainer),
             "samples": steps * args.batch, "final_loss": next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), None)}
 
 
-def run_prefsel(args, pol_dir, ref_dir, data_path, out_dir, *, local: bool, ref_mode: str) -> dict:
-    from prefsel.train.cli import add_arguments, config
-    from prefsel.train.job import run_train
-
+def prefsel_argv(args, pol_dir, ref_dir, data_path, out_dir, *, local: bool, ref_mode: str) -> list[str]:
+    """`prefsel train dpo` arguments with the benchmark's settings (TRL's, see the module docstring)."""
     argv = ["dpo", "--model", pol_dir, "--ref-model", ref_dir, "--data", data_path, "--output", out_dir,
             "--ref-mode", ref_mode, "--beta", str(args.beta), "--loss", "sigmoid",
             "--learning-rate", str(args.lr), "--lr-scheduler", "constant", "--lr-warmup-ratio", "0",
@@ -95,39 +129,69 @@ def run_prefsel(args, pol_dir, ref_dir, data_path, out_dir, *, local: bool, ref_
             "--epochs", "1", "--seed", str(args.seed), "--logging-steps", str(args.logging_steps),
             "--no-tensorboard", "--no-progress", "--cpus-per-worker", str(args.threads)]
     argv += ["--local-mode", "--strategy", "ddp"] if local else ["--strategy", "deepspeed", "--zero-stage", "2"]
+    return argv
+
+
+def train_prefsel(argv: list[str]) -> tuple[dict, dict, float]:
+    """(summary, OUTPUT/train_result.json, wall seconds of the whole call) of one `prefsel train` run."""
+    from prefsel.train.cli import add_arguments, config
+    from prefsel.train.job import run_train
+
     p = argparse.ArgumentParser()
     add_arguments(p)
+    cfg = config(p.parse_args(argv))
     t0 = time.perf_counter()
-    s = run_train(config(p.parse_args(argv)))
+    s = run_train(cfg)
     wall = time.perf_counter() - t0
-    with open(os.path.join(out_dir, "train_result.json")) as f:
+    with open(os.path.join(cfg.output, "train_result.json")) as f:
         res = json.load(f)
+    return s, res, wall
+
+
+def run_prefsel(args, pol_dir, ref_dir, data_path, out_dir, *, local: bool, ref_mode: str) -> dict:
+    s, res, wall = train_prefsel(prefsel_argv(args, pol_dir, ref_dir, data_path, out_dir, local=local,
+                                              ref_mode=ref_mode))
     return {"steps": res["steps_this_run"], "loop_s": res["wall_s"], "wall_s": wall,
             "tokens": int(res["tokens_this_run"]), "samples": res["samples"],
             "final_loss": s["final_metrics"].get("loss"),
             "reference_precompute_s": s.get("reference_precompute_s")}
 
 
-def same_loss_check(args, pol_dir, ref_dir, data_path, trainer, n: int = 8) -> tuple[float, float]:
-    """prefsel's dpo_objective vs TRL's compute_loss on the first n pairs (policy != reference)."""
-    from prefsel.models import load_causal_lm, load_tokenizer
+def prefsel_rows(tokenizer_dir: str, data_path: str) -> list[dict]:
+    """prefsel's training rows of `data_path` (its tokenization, `prefsel train`'s defaults), by row_id."""
+    from prefsel.models import load_tokenizer
     from prefsel.tokenization import PairTokenizer
     from prefsel.train.data import load_rows
+
+    tok = load_tokenizer(tokenizer_dir)
+    return sorted(load_rows(data_path, "dpo", PairTokenizer(tok, "auto", 2048, "reject")).rows,
+                  key=lambda r: r["row_id"])
+
+
+def same_loss_check(args, pol_dir, ref_dir, data_path, trainer, n: int = 8, *, dtype: str = "float32",
+                    device: str = "cpu", rows: list[dict] | None = None, policy=None, ref=None,
+                    layout=None) -> tuple[float, float]:
+    """prefsel's dpo_objective vs TRL's compute_loss on the first n pairs (policy != reference).
+
+    `rows`: prefsel's rows in the order of the trainer's dataset (default: by row_id, the order
+    this script gives TRL); `policy` / `ref`: models already loaded (default: loaded here in
+    `dtype` on `device`); `layout`: prefsel.packing.Layout (default: the packed default)."""
+    from prefsel.models import load_causal_lm, load_tokenizer
     from prefsel.train.objectives import LogpModule, dpo_objective
 
     tok = load_tokenizer(pol_dir)
-    rows = load_rows(data_path, "dpo", PairTokenizer(tok, "auto", 2048, "reject")).rows
-    rows = sorted(rows, key=lambda r: r["row_id"])[:n]
-    policy = load_causal_lm(pol_dir, dtype="float32", device="cpu")
-    ref = load_causal_lm(ref_dir, dtype="float32", device="cpu")
+    rows = (rows if rows is not None else prefsel_rows(pol_dir, data_path))[:n]
+    policy = policy if policy is not None else load_causal_lm(pol_dir, dtype=dtype, device=device)
+    ref = ref if ref is not None else load_causal_lm(ref_dir, dtype=dtype, device=device)
+    kw = {"layout": layout} if layout is not None else {}
     with torch.no_grad():
         ours, _ = dpo_objective(rows, LogpModule(policy), ref, tok.pad_token_id, beta=args.beta,
-                                loss_type="sigmoid", label_smoothing=0.0)
+                                loss_type="sigmoid", label_smoothing=0.0, device=device, **kw)
         cols = ("prompt_ids", "chosen_ids", "rejected_ids")
         ds = trainer.train_dataset
         batch = trainer.data_collator([{c: ds[i][c] for c in cols} for i in range(n)])
         trainer.model.eval()
-        theirs = trainer.compute_loss(trainer.model, batch)
+        theirs = trainer.compute_loss(trainer.model, trainer._prepare_inputs(batch))
     return float(ours), float(theirs)
 
 
@@ -203,16 +267,15 @@ def main(argv=None) -> int:
     print(f"{'method':<32} {'steps':>5} {'steps/s':>8} {'tokens/s':>9} {'loop s':>7} {'call s':>7} "
           f"{'steps/s vs TRL':>14} {'final loss':>10}")
     for name, m in results.items():
-        sps, tps = m["steps"] / m["loop_s"], m["tokens"] / m["loop_s"]
+        sps, tps = m["steps"] / m["loop_s"], base["tokens"] / m["loop_s"]
         m.update(steps_per_s=sps, tokens_per_s=tps)
         ratio = sps / (base["steps"] / base["loop_s"])
         loss = f"{m['final_loss']:.4f}" if isinstance(m.get("final_loss"), (int, float)) else "n/a"
         print(f"{name:<32} {m['steps']:>5} {sps:>8.2f} {tps:>9.0f} {m['loop_s']:>7.1f} {m['wall_s']:>7.1f} "
               f"{ratio:>13.2f}x {loss:>10}")
     print("loop s: the training loop alone; call s: the whole call (tokenization, model loading, Ray start-up, "
-          "reference precompute). tokens: prompt+response tokens of the policy forwards, from each "
-          "method's own tokenization "
-          f"({base['tokens']} TRL, {results['prefsel local mode']['tokens']} prefsel).")
+          f"reference precompute). tokens: {base['tokens']} prompt+response tokens of the pairs' two sequences "
+          f"for every method (prefsel forwarded {results['prefsel local mode']['tokens']}: each prompt once).")
     print("final loss: the last logged window's mean; the two draw their batches in different orders.")
     if args.json:
         with open(args.json, "w") as f:

@@ -9,7 +9,8 @@ endpoint, the trainers and the reward-model annotation, so they can never disagr
   packed, or packed with shared prompts): the backbone runs with the batch's own positions and
   mask, then the LM head only at the states that predict response tokens, in chunks,
   log-softmax in float32 whatever dtype the model is in, sums in float64, so it never holds a
-  [tokens x vocab] float32 tensor for the whole batch (nor logits for prompt tokens);
+  [tokens x vocab] float32 tensor for the whole batch (nor logits for prompt tokens), and under
+  autograd keeps none for backward either (the head is recomputed per chunk there);
 - `batch_rewards` reads a sequence classifier's scalar at each sequence's LAST REAL token
   (transformers' own pooling looks for the last token that is not `pad_token_id`; when
   pad == EOS and a sequence ends with EOS, that is the token before it);
@@ -23,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from prefsel.packing import (
     DEFAULT_MAX_TOKENS_PER_BATCH,
@@ -116,24 +118,35 @@ def batch_logprobs(
     *,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     sum_dtype: torch.dtype = torch.float64,
+    recompute_head: bool = True,
 ) -> torch.Tensor:
     """Sum of log p(token | prefix) over each sequence's response tokens: [S] in `sum_dtype`
     (float64 by default, so long responses do not lose digits), in the batch's sequence order.
-    Gradients flow through it for training."""
+
+    Gradients flow through it for training. With `recompute_head` (the default) a chunk's
+    float32 logits are not kept for the backward pass: the head runs again per chunk there
+    (activation checkpointing of the head alone). Kept, they would cost 4 x vocabulary bytes per
+    response token until backward (2.1 GB for 4k tokens at a 128k vocabulary), for one more head
+    matmul per token (about 2 x hidden x vocabulary FLOPs). No effect without gradients."""
     backbone, head = backbone_and_head(model, "lm")
     hidden = batch_hidden_states(model, backbone, batch)
     states = hidden[batch.target_index]
     targets = batch.target_ids
+    recompute = recompute_head and torch.is_grad_enabled()
     token_logps = []
     for start in range(0, states.shape[0], chunk_tokens):
-        logits = head(states[start : start + chunk_tokens]).float()
-        logits = _postprocess_logits(model, logits)
-        tgt = targets[start : start + chunk_tokens]
-        token_logps.append(logits.gather(-1, tgt[:, None]).squeeze(-1) - logits.logsumexp(-1))
+        chunk = (model, head, states[start : start + chunk_tokens], targets[start : start + chunk_tokens])
+        token_logps.append(checkpoint(_head_logps, *chunk, use_reentrant=False) if recompute else _head_logps(*chunk))
     sums = torch.zeros(batch.num_sequences, dtype=sum_dtype, device=hidden.device)
     if token_logps:
         sums = sums.index_add(0, batch.target_seq, torch.cat(token_logps).to(sum_dtype))
     return sums
+
+
+def _head_logps(model, head: torch.nn.Module, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) at each state: the head, logits in float32, the family's logit transform."""
+    logits = _postprocess_logits(model, head(states).float())
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
 
 
 def batch_rewards(model: torch.nn.Module, batch: TokenBatch) -> torch.Tensor:
@@ -224,13 +237,19 @@ def map_groups(
 ) -> list[list[float]]:
     """Apply each `fn(batch) -> [S]` to every sequence of `groups` ((prompt, responses) pairs):
     one flat list of floats per fn, in (group, response) order. Every fn forwards the same
-    batches; `stats` (if given) accumulates one model's token accounting."""
+    batches; `stats` (if given) accumulates one model's token accounting.
+
+    Results stay on the device until every batch is launched: reading one back would wait for
+    the GPU, and the next batch would then be built while the GPU sits idle."""
     total = sum(len(rs) for _, rs in groups)
     out = [[0.0] * total for _ in fns]
+    launched = []
     for batch in plan_batches(groups, pad_token_id, layout, device):
-        for m, fn in enumerate(fns):
-            for j, v in zip(batch.sequence_ids, fn(batch).tolist()):
-                out[m][j] = float(v)
+        launched.append((batch.sequence_ids, [fn(batch).detach() for fn in fns]))
         if stats is not None:
             stats.add(batch.stats)
+    for sequence_ids, values in launched:
+        for m, v in enumerate(values):
+            for j, x in zip(sequence_ids, v.tolist()):
+                out[m][j] = float(x)
     return out

@@ -151,6 +151,37 @@ def test_gradients_through_the_packed_forward_equal_the_padded_ones(tok, groups)
     torch.testing.assert_close(grads["packed-shared"], grads["padded-right"], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma2"])  # gemma2: the soft-cap is recomputed too
+def test_head_recompute_gives_the_same_gradients_and_keeps_no_logits(tok, groups, family):
+    """recompute_head: identical loss and gradients, and autograd no longer holds any
+    [chunk x vocab] float32 logits between forward and backward (counted with saved-tensor hooks)."""
+    model = build_tiny_family(family, len(tok), seed=8).train()
+    batch = one_batch(groups, 0, Layout())
+    n_targets = int(batch.target_ids.numel())
+    logits_bytes = n_targets * len(tok) * 4
+    out = {}
+    for recompute in (False, True):
+        model.zero_grad()
+        saved: list[torch.Tensor] = []
+
+        def pack(t):
+            saved.append(t)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            values = batch_logprobs(model, batch, chunk_tokens=16, recompute_head=recompute)
+        vocab_wide = sum(t.numel() * t.element_size() for t in saved
+                         if t.dim() == 2 and t.shape[-1] == len(tok) and t.shape[0] <= 16)
+        (values * torch.linspace(0.5, 1.5, len(values), dtype=values.dtype)).sum().backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        out[recompute] = (values.detach(), grads, vocab_wide)
+    assert out[False][2] >= logits_bytes  # without it: at least one float32 logits tensor per target
+    assert out[True][2] == 0  # with it: no [chunk x vocab] tensor is held for backward
+    torch.testing.assert_close(out[True][0], out[False][0], atol=0, rtol=0)
+    assert out[True][1].abs().max() > 0
+    torch.testing.assert_close(out[True][1], out[False][1], atol=1e-7, rtol=1e-6)
+
+
 def test_padded_tensors_and_token_batches_agree(tok, groups):
     """response_logprobs (padded [B, T] tensors, the old entry point) is the same function."""
     from prefsel.logprobs import collate_sequences

@@ -304,6 +304,7 @@ def test_dpo_deepspeed_learns_and_saves_a_loadable_policy(dpo_zero2, toy):
     print("DPO zero2 final", {k: fm[k] for k in ("loss", "reward_accuracy", "eval_reward_accuracy", "eval_loss")})
     assert s["steps"] == 32 and s["rows_used"] == 256
     assert fm["reward_accuracy"] >= 0.9 and fm["eval_reward_accuracy"] >= 0.9
+    assert 0.1 < s["peak_rss_gib"] < 24 and "peak_gpu_gib" not in s  # rank 0's own, CPU only here
     assert os.path.isdir(out / "tensorboard") and any(os.scandir(out / "tensorboard"))
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

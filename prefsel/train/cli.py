@@ -124,7 +124,10 @@ def print_train_summary(s: dict) -> None:
           f"{s.get('samples')} samples, rows used {s['rows_used']}/{s['rows_in']} "
           f"(rejected {s['rows_rejected']})")
     tps = s.get("tokens_per_s")
-    print(f"  tokens/s {tps:.1f}" if tps else "  tokens/s n/a", f" wall {s['wall_s']:.1f}s")
+    peak = ", ".join(f"{k.removeprefix('peak_').removesuffix('_gib')} {s[k]:.2f} GiB"
+                     for k in ("peak_gpu_gib", "peak_rss_gib") if s.get(k) is not None)
+    print(f"  tokens/s {tps:.1f}" if tps else "  tokens/s n/a", f" wall {s['wall_s']:.1f}s"
+          + (f"  peak {peak}" if peak else ""))
     print("  final: " + ", ".join(f"{k} {fm[k]:.4f}" for k in keys if isinstance(fm.get(k), (int, float))))
     print(f"  model: {s['final_model']}")
 

@@ -157,6 +157,7 @@ def run_train(cfg: TrainConfig) -> dict:
         "samples": worker.get("samples"),
         "tokens_per_s": worker.get("tokens_per_s"),
         "train_wall_s": worker.get("wall_s"),
+        **{k: round(worker[k], 3) for k in ("peak_rss_gib", "peak_gpu_gib") if worker.get(k) is not None},
         "reference_precompute_s": round(t_ref, 2),
         "reference_rows_per_actor": ref_rows_per_actor,
         "wall_s": round(wall, 2),

@@ -408,8 +408,21 @@ def save_final(w: Worker, engine) -> str | None:
     return final
 
 
+def peak_memory(device) -> dict:
+    """This process's peak memory so far, in GiB: its max RSS and, on a CUDA device, torch's peak
+    allocation there (torch.cuda.max_memory_allocated; what the caching allocator reserves beyond
+    it is not counted)."""
+    import resource
+
+    out = {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # Linux: KiB
+    if torch.device(device).type == "cuda":
+        out["peak_gpu_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return out
+
+
 def write_result(w: Worker, metrics: dict, start: int, wall: float, tokens: float, final: str | None) -> None:
-    """Rank 0, local OUTPUT: OUTPUT/train_result.json, which job.py reads into the run's summary."""
+    """Rank 0, local OUTPUT: OUTPUT/train_result.json, which job.py reads into the run's summary
+    (with rank 0's peak memory, `peak_memory`)."""
     cfg = w.cfg
     if w.rank != 0 or not is_local_uri(cfg.output):
         return
@@ -417,7 +430,8 @@ def write_result(w: Worker, metrics: dict, start: int, wall: float, tokens: floa
         json.dump({"final_metrics": metrics, "steps": w.last_step, "resumed_from": start,
                    "steps_this_run": w.last_step - start, "wall_s": wall, "tokens_this_run": tokens,
                    "tokens_per_s": tokens / wall if wall > 0 else None,
-                   "samples": (w.last_step - start) * cfg.train_batch_size, "final_model": final}, f)
+                   "samples": (w.last_step - start) * cfg.train_batch_size, "final_model": final,
+                   **peak_memory(w.device)}, f)
 
 
 def train_loop_per_worker(config: dict) -> None:
