@@ -33,6 +33,13 @@ RESPONSE_LEN = (100, 600)
 TINY_PROMPT_LEN = (5, 40)
 TINY_RESPONSE_LEN = (5, 60)
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
+MAX_WORDS = 32000
+
+
+def word_count(vocab: int) -> int:
+    """Words in the tokenizer that save_shape_pair saves beside a model of `vocab` ids (rows
+    drawn from more words would meet <unk>)."""
+    return min(MAX_WORDS, vocab - len(SPECIALS))
 
 
 def lengths_for(shape: str) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -86,11 +93,13 @@ def build_word_tokenizer(words: int = 32000):
                                    unk_token="<unk>")
 
 
-def shape_rows(n: int, *, shape: str = "1b", words: int = 32000, seed: int = 0) -> list[dict]:
+def shape_rows(n: int, *, shape: str = "1b", words: int | None = None, seed: int = 0) -> list[dict]:
     """`n` text pairs: prompt of k words with k uniform in the shape's prompt range (BOS makes it
     k+1 tokens: the issue's ranges count the text), chosen/rejected likewise in the response range
-    (each gets EOS). Responses start with a space so a joined string tokenizes the same."""
+    (each gets EOS). Responses start with a space so a joined string tokenizes the same. `words`:
+    the tokenizer's (default: the one saved with the shape's models, `word_count`)."""
     (p_lo, p_hi), (r_lo, r_hi) = lengths_for(shape)
+    words = words or word_count(SHAPES[shape][-1])
     rng = random.Random(seed)
 
     def text(lo: int, hi: int) -> str:
@@ -101,12 +110,12 @@ def shape_rows(n: int, *, shape: str = "1b", words: int = 32000, seed: int = 0) 
 
 
 def save_shape_pair(shape: str, out_dir: str | os.PathLike, *, dtype: torch.dtype = torch.bfloat16,
-                    device: str = "cpu", words: int = 32000, **overrides) -> tuple[str, str]:
+                    device: str = "cpu", words: int = MAX_WORDS, **overrides) -> tuple[str, str]:
     """Save a random policy (seed 1) and reference (seed 0) of `shape` (config `overrides`
     applied, e.g. vocab_size) with the word tokenizer; returns (policy_dir, reference_dir).
     Skips a folder that already holds a saved model."""
     vocab = overrides.get("vocab_size", SHAPES[shape][-1])
-    tokenizer = build_word_tokenizer(min(words, vocab - len(SPECIALS)))
+    tokenizer = build_word_tokenizer(min(words, word_count(vocab)))
     paths = []
     for name, seed in (("policy", 1), ("reference", 0)):
         d = Path(out_dir) / name

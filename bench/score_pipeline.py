@@ -261,7 +261,7 @@ def pipeline_gaps(out: Path) -> dict[int, float]:
 def shape_main(args) -> int:
     import torch
 
-    from _shapes import SHAPES, SPECIALS, save_shape_pair, shape_rows
+    from _shapes import SHAPES, save_shape_pair, shape_rows
     from prefsel.jobs import ActorResources
     from prefsel.models import resolve_device, resolve_dtype
     from prefsel.score_job import ScoreJobConfig
@@ -283,10 +283,9 @@ def shape_main(args) -> int:
     save_s = time.perf_counter() - t0
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    words = min(32000, SHAPES[args.shape][-1] - len(SPECIALS))  # save_shape_pair's tokenizer
     data = tmp / f"pairs-{args.shape}-{n}.jsonl"
     with open(data, "w") as f:
-        for row in shape_rows(n, shape=args.shape, words=words):
+        for row in shape_rows(n, shape=args.shape):
             f.write(json.dumps(row) + "\n")
 
     job = {"dtype": args.dtype, "attn_implementation": args.attn}

@@ -111,7 +111,7 @@ def _bare(a) -> dict:
     max_batch_size pairs. Runs in its own process, so its GPU memory is gone when Serve starts."""
     import torch
 
-    from _shapes import SHAPES, SPECIALS, save_shape_pair, shape_rows
+    from _shapes import save_shape_pair, shape_rows
     from prefsel.formats import to_example
     from prefsel.models import resolve_device, resolve_dtype
     from serve.app import load_scorer
@@ -129,7 +129,7 @@ def _bare(a) -> dict:
             torch.cuda.empty_cache()
     save_s = time.perf_counter() - t0
     reference = reference or policy
-    pool = shape_rows(a.pool, shape=a.shape, words=min(32000, SHAPES[a.shape][-1] - len(SPECIALS)), seed=11)
+    pool = shape_rows(a.pool, shape=a.shape, seed=11)
     pool_file = work / f"pool-{a.shape}-{a.pool}.json"
     pool_file.write_text(json.dumps(pool))
     if device.type == "cpu" and a.num_cpus >= 1:

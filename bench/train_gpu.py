@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import inspect
 import json
 import os
 import platform
@@ -60,7 +59,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_cpu as tc  # noqa: E402
-from _shapes import SHAPES, SPECIALS, save_shape_pair, shape_config, shape_rows  # noqa: E402
+from _shapes import SHAPES, SPECIALS, save_shape_pair, shape_config, shape_rows, word_count  # noqa: E402
 
 TOL = {("cuda", "fp32"): 2e-3, ("cpu", "fp32"): 1e-4, ("cuda", "bf16"): 5e-2, ("cpu", "bf16"): 5e-2}
 STAGES = ("check", "trl", "prefsel", "memory")
@@ -229,7 +228,7 @@ def run_prefsel_worker(a, pol_dir: str, ref_dir: str, data_path: str, out_dir: s
 # ---- 4. memory of one training step --------------------------------------------------------------
 
 
-def child_memory(a: dict, pol_dir: str, ref_dir: str, vocab: int, recompute_head: bool | None) -> dict:
+def child_memory(a: dict, pol_dir: str, ref_dir: str, vocab: int, recompute_head: bool) -> dict:
     """Peak memory of one forward + backward of prefsel's DPO objective on `memory_pairs` pairs
     (prompt `memory_prompt`, two responses of `memory_response` tokens each), on the device."""
     import resource
@@ -239,7 +238,7 @@ def child_memory(a: dict, pol_dir: str, ref_dir: str, vocab: int, recompute_head
     from prefsel.logprobs import batch_logprobs
     from prefsel.models import load_causal_lm
     from prefsel.packing import Layout, layout_for
-    from prefsel.train.objectives import LogpModule, dpo_objective
+    from prefsel.train.objectives import dpo_objective
 
     cuda = _cuda(a)
     dt = "bf16" if cuda else "fp32"
@@ -256,10 +255,7 @@ def child_memory(a: dict, pol_dir: str, ref_dir: str, vocab: int, recompute_head
              "response_ids": [[*ids(a.memory_response - 1), eos] for _ in range(2)]} for i in range(a.memory_pairs)]
     n_targets = sum(len(r) for row in rows for r in row["response_ids"])
     layout = layout_for([policy], Layout())
-    if recompute_head is None:  # the default of prefsel's training (LogpModule)
-        fn = LogpModule(policy)
-    else:
-        fn = lambda b: batch_logprobs(policy, b, recompute_head=recompute_head)  # noqa: E731
+    fn = lambda b: batch_logprobs(policy, b, recompute_head=recompute_head)  # noqa: E731
 
     def step():
         loss, _ = dpo_objective(rows, fn, ref, 0, beta=a.beta, loss_type="sigmoid", label_smoothing=0.0,
@@ -389,7 +385,7 @@ def main(argv=None) -> int:
               "(check and memory rows only)")
         skip |= {"trl", "prefsel"}
     vocab = a.vocab or SHAPES[a.shape][-1]
-    words = min(32000, vocab - len(SPECIALS))
+    words = word_count(vocab)
     with torch.device("meta"):
         from transformers import LlamaForCausalLM
 
@@ -518,16 +514,7 @@ def _run(a, work, words, vocab, params, skip, report, save) -> int:
         shutil.rmtree(out_dir, ignore_errors=True)  # its DeepSpeed checkpoint (1b: about 21 GB)
         save()
     if "memory" not in skip:
-        from prefsel.logprobs import batch_logprobs
-
-        if "recompute_head" in inspect.signature(batch_logprobs).parameters:
-            modes = [False, True]
-        else:
-            # MARK (recompute_head): prefsel.logprobs.batch_logprobs has no `recompute_head` keyword
-            # here; where it has one, the branch above measures it off and on. Here: one row, the
-            # training's own head (LogpModule), labelled "prefsel's default".
-            modes = [None]
-        for mode in modes:
+        for mode in (False, True):  # the head's logits kept for backward, or recomputed (training's default)
             m = stage(f"memory row (recompute_head={mode})", in_child, child_memory, a_dict, pol_dir, ref_dir, vocab, mode)
             if m:
                 report["memory"].append(m)
@@ -579,8 +566,7 @@ def print_tables(a, report: dict, params: int) -> None:
               "(tokens x vocab x 4) | logits / step | logits / peak | step s |")
         print("|---|---|---|---|---|---|---|---|---|")
         for m in report["memory"]:
-            label = "prefsel's default (no keyword yet)" if m["recompute_head"] is None else str(m["recompute_head"])
-            print(f"| {label} | {m['response_tokens']} | {m['peak_gib']:.2f} | {m['base_gib']:.2f} | "
+            print(f"| {m['recompute_head']} | {m['response_tokens']} | {m['peak_gib']:.2f} | {m['base_gib']:.2f} | "
                   f"{m['step_gib']:.2f} | {m['logits_fp32_gib']:.2f} | {_f(m['logits_share_of_step'], '.0%')} | "
                   f"{_f(m['logits_share_of_peak'], '.0%')} | {m['step_s']:.2f} |")
         if not cuda:
