@@ -127,7 +127,7 @@ def prefsel_argv(args, pol_dir, ref_dir, data_path, out_dir, *, local: bool, ref
             "--learning-rate", str(args.lr), "--lr-scheduler", "constant", "--lr-warmup-ratio", "0",
             "--train-batch-size", str(args.batch), "--micro-train-batch-size", str(args.micro_batch),
             "--epochs", "1", "--seed", str(args.seed), "--logging-steps", str(args.logging_steps),
-            "--no-tensorboard", "--no-progress", "--cpus-per-worker", str(args.threads)]
+            "--no-tensorboard", "--no-progress", "--no-final-checkpoint", "--cpus-per-worker", str(args.threads)]
     argv += ["--local-mode", "--strategy", "ddp"] if local else ["--strategy", "deepspeed", "--zero-stage", "2"]
     return argv
 

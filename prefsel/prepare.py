@@ -193,8 +193,7 @@ def restore_record(row: dict, schema: pa.Schema | None = None) -> dict:
 
 def check_record(record: dict, schema: pa.Schema) -> list[str]:
     """The schema fields whose values do not fit the run's schema exactly: they travel in
-    _extra (see split_record), so no row is rejected or altered for its types. Raises RowError
-    only for a row whose kept fields Arrow still refuses (not expected: `fits` is exact)."""
+    _extra (see split_record), so no row is rejected or altered for its types."""
     split = split_record(record, schema)
     bad = [f.name for f in schema if f.name not in RESERVED and record.get(f.name) is not None
            and split[f.name] is None]
@@ -209,21 +208,20 @@ class PreparedRow:
     prompt_ids: list[int]
     chosen_ids: list[int]
     rejected_ids: list[int]
-
-    def as_dict(self) -> dict:
-        return self.__dict__.copy()
+    fields: dict | None = None  # a usable row's record split against the run's schema (split_record)
 
 
 def prepare_rows(
-    rows: list[RawRow], fmt: str, tokenizer: PairTokenizer, schema: pa.Schema | None, check_schema: bool
+    rows: list[RawRow], fmt: str, tokenizer: PairTokenizer, schema: pa.Schema | None = None
 ) -> list[PreparedRow]:
-    """Validate, normalise and tokenize each row; unusable rows keep their reason.
+    """Validate, normalise and tokenize each row; unusable rows keep their reason. With `schema`,
+    a usable row's `fields` hold its record split against it (split_record: what does not fit
+    travels in _extra, so no row is rejected for its types).
 
     Never raises for a bad row: whatever fails on one row (an unexpected exception included) is
     that row's reject reason, so one row cannot abort a job. `record` is always JSON text.
     """
     out = []
-    fields = set(schema.names) if schema is not None else set()
     for r in rows:
         if r.record is None:
             out.append(PreparedRow(r.row_id, r.reject_text(), r.error or not_object_reason(None), [], [], []))
@@ -236,13 +234,9 @@ def prepare_rows(
             if problem:
                 raise RowError(problem)
             text = dumps(r.record)
-            if check_schema and schema is not None:
-                try:
-                    check_record(r.record, schema)
-                except RowError as e:  # say why when it is an integer Arrow cannot hold
-                    raise RowError(value_problem(r.record, int64_fields=fields) or str(e)) from None
             tok = tokenizer.encode(to_example(r.record, fmt))
-            out.append(PreparedRow(r.row_id, text, None, tok.prompt_ids, tok.chosen_ids, tok.rejected_ids))
+            fields = split_record(r.record, schema) if schema is not None else None
+            out.append(PreparedRow(r.row_id, text, None, tok.prompt_ids, tok.chosen_ids, tok.rejected_ids, fields))
         except RowError as e:
             out.append(PreparedRow(r.row_id, text or record_text(r.record), str(e), [], [], []))
         except Exception as e:  # noqa: BLE001 - a bug or a library's limit on one row rejects that row

@@ -16,7 +16,7 @@ import pyarrow as pa
 from prefsel.checks import require
 from prefsel.formats import FORMATS, detect_format
 from prefsel.jobs import ActorResources, JobConfig, ModelActor, TokenizerSpec, job_fingerprint, original_record, run_chunks
-from prefsel.prepare import infer_schema, prepare_rows, record_schema, split_record
+from prefsel.prepare import infer_schema, prepare_rows, record_schema
 from prefsel.run_output import RunOutput
 from prefsel.scoring import SCORE_COLUMNS, ScoreConfig
 from prefsel.sources import Chunk, RawRow, absolute_local, plan_source, sample_records
@@ -94,19 +94,17 @@ class PreparePairs:
     fmt: str
     tokenizer: TokenizerSpec
     schema_ipc: bytes  # the run's schema of original fields
-    check_schema: bool  # JSON sources: the schema was inferred from the first rows
 
     def __call__(self, chunk: Chunk, rows: list[RawRow]) -> pa.Table:
         schema = pa.ipc.read_schema(pa.py_buffer(self.schema_ipc))
-        prepared = prepare_rows(rows, self.fmt, self.tokenizer.load(), schema, check_schema=self.check_schema)
+        prepared = prepare_rows(rows, self.fmt, self.tokenizer.load(), schema)
         cols: dict[str, list] = {name: [] for name in PREPARED_SCHEMA.names}
         records = []
-        for p, raw in zip(prepared, rows):
-            for name, value in p.as_dict().items():
-                cols[name].append(value)
-            cols["chunk_id"].append(chunk.chunk_id)
+        for p in prepared:
             good = p.reason is None
-            records.append(split_record(raw.record, schema) if good else {})
+            for name in PREPARED_SCHEMA.names:
+                cols[name].append(chunk.chunk_id if name == "chunk_id" else getattr(p, name))
+            records.append(p.fields if good else {})
             if good:
                 cols["record"][-1] = None  # its fields travel typed; the text is kept for rejects only
         table = pa.Table.from_pydict(cols, schema=PREPARED_SCHEMA)
@@ -191,8 +189,7 @@ def run_score(cfg: ScoreJobConfig) -> dict:
     out = RunOutput(cfg.output, fingerprint(cfg, plan.files, fmt), kind="scores", overwrite=cfg.overwrite)
     done = out.done_chunks()
     todo = [c for c in plan.chunks if c.chunk_id not in done]
-    prepare = PreparePairs(fmt, cfg.tokenizer_spec, schema.serialize().to_pybytes(),
-                           check_schema=plan.schema is None)
+    prepare = PreparePairs(fmt, cfg.tokenizer_spec, schema.serialize().to_pybytes())
     collector = run_chunks(todo, prepare, ScoreActor, dict(cfg=cfg, pad_token_id=pad_id), cfg.resources,
                            ScoreShardWriter(out, schema))
     wall = time.time() - t0

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from prefsel.formats import RowError, to_example
-from prefsel.prepare import dumps, prepare_rows
+from prefsel.prepare import dumps, prepare_rows, record_schema
 from prefsel.sources import MAX_JSON_DEPTH, RawRow, plan_source, read_chunk, sample_records, value_problem
 
 GOOD = {"prompt": "What is 2+2?", "chosen": "four", "rejected": "five"}
@@ -90,7 +90,7 @@ def test_prepare_rows_turns_any_exception_into_that_rows_reject(pair_tok):
         RawRow(6, None, raw="{nope", error="row: invalid JSON: Expecting property name"),
         RawRow(7, dict(GOOD)),
     ]
-    out = prepare_rows(rows, "pairs", Flaky(), None, check_schema=False)
+    out = prepare_rows(rows, "pairs", Flaky())
     reasons = [p.reason for p in out]
     assert reasons[0] is None and reasons[7] is None
     assert reasons[1] == "row: KeyError: 'surprise'"
@@ -179,7 +179,7 @@ def test_model_context_length_and_over_long_row_rejected(tiny_models, tmp_path):
     limited = PairTokenizer(tok, max_length=model_context_length(tok, [policy, reference]), truncation="reject")
     with pytest.raises(RowError, match=r"field 'chosen': too long: .* > max_length 64"):
         limited.encode(ex)
-    out = prepare_rows([RawRow(0, row), RawRow(1, dict(GOOD))], "pairs", limited, None, check_schema=False)
+    out = prepare_rows([RawRow(0, row), RawRow(1, dict(GOOD))], "pairs", limited)
     assert out[0].reason.startswith("field 'chosen': too long") and out[1].reason is None
 
 
@@ -218,7 +218,7 @@ def test_bom_at_file_start_is_accepted(tmp_path):
 def test_a_line_that_is_not_an_object(tmp_path, line, reason, pair_tok):
     rows = _rows(_write(tmp_path / "n.jsonl", [_good_line(), line]))
     assert rows[1].record is None and rows[1].error == reason and rows[1].raw == line.decode()
-    p = prepare_rows(rows, "pairs", pair_tok, None, check_schema=False)[1]
+    p = prepare_rows(rows, "pairs", pair_tok)[1]
     assert p.reason == reason and json.loads(p.record) == line.decode()  # the line is kept
 
 
@@ -229,30 +229,21 @@ def test_empty_file_says_it_is_empty(tmp_path):
             sample_records(plan_source(str(tmp_path / name)))
 
 
-def test_integer_beyond_64_bits(monkeypatch, pair_tok):
+def test_integer_beyond_64_bits(pair_tok):
     import pyarrow as pa
-
-    import prefsel.prepare as prepare
 
     assert value_problem({"x": BIG}, int64_fields={"x"}) == BIG_REASON
     assert value_problem({"x": BIG}) is None  # only where a 64-bit column must hold it
     assert value_problem({"x": [1, -BIG]}, int64_fields=True) == f"field 'x[1]': integer {-BIG} is out of the 64-bit range"
     schema = pa.schema([("prompt", pa.string()), ("chosen", pa.string()), ("rejected", pa.string()), ("x", pa.int64())])
     rows = [RawRow(0, {**GOOD, "x": 1}), RawRow(1, {**GOOD, "x": BIG})]
-    # kept exactly (in _extra) when the schema check can carry it; never the old misleading reason
-    out = prepare_rows(rows, "pairs", pair_tok, schema, check_schema=True)
-    assert out[0].reason is None
-    assert out[1].reason in (None, BIG_REASON)
+    # kept exactly: the int64 column holds 1; BIG, which it cannot hold, travels in _extra
+    out = prepare_rows(rows, "pairs", pair_tok, schema)
+    assert [p.reason for p in out] == [None, None]
+    assert out[0].fields["x"] == 1 and out[0].fields["_extra"] is None
+    assert out[1].fields["x"] is None and json.loads(out[1].fields["_extra"]) == {"x": BIG}
     assert json.loads(out[1].record)["x"] == BIG
-    # when the schema check refuses the row, the reason says why
-
-    def refuse(record, schema):
-        if record.get("x") == BIG:
-            raise RowError("field 'x': value of type int does not match the dataset's type int64")
-        return []
-
-    monkeypatch.setattr(prepare, "check_record", refuse)
-    assert prepare_rows(rows, "pairs", pair_tok, schema, check_schema=True)[1].reason == BIG_REASON
+    assert pa.Table.from_pylist([p.fields for p in out], schema=record_schema(schema)).num_rows == 2
     # the sample for schema inference skips it, so `x` stays an int64 column
     assert value_problem({**GOOD, "x": BIG}, int64_fields=True) == BIG_REASON
 

@@ -451,6 +451,27 @@ def test_killed_worker_restarts_from_checkpoint_then_resume(dpo_zero2, toy, monk
         _run(base)
 
 
+def test_no_final_checkpoint_keeps_save_steps_checkpoints_and_resumes_from_them(dpo_zero2, toy):
+    """--no-final-checkpoint: the last step writes final/ but no checkpoint; --save-steps ones stay,
+    and --resume restarts from the latest of them, reproducing the uninterrupted curve."""
+    ref_out, _ = dpo_zero2
+    out = toy["dir"] / "no_final_ckpt"
+    base = _args("dpo", toy, out, "--data", toy["pairs"], "--strategy", "ddp", *DPO_FLAGS, "--max-steps", "3",
+                 "--save-steps", "2", "--no-final-checkpoint", "--no-tensorboard")
+
+    def checkpoints():
+        return sorted(p.name for p in (out / "train").iterdir() if p.is_dir() and p.name.startswith("checkpoint_"))
+
+    s = _run(base)
+    assert s["steps"] == 3 and checkpoints() == ["checkpoint_00000002"]
+    assert s["checkpoint"].endswith("checkpoint_00000002") and s["final_metrics"]["step"] == 3
+    assert os.path.isfile(out / "final" / "config.json")
+    s2 = _run([*base, "--resume"])
+    assert s2["resumed_from_step"] == 2 and s2["steps"] == 3 and checkpoints() == ["checkpoint_00000002"]
+    a, b = _curve(ref_out), _curve(out)
+    assert b[3] == pytest.approx(a[3], rel=2e-3, abs=1e-4)  # DDP against the ZeRO-2 fixture, as above
+
+
 def test_a_selection_folder_trains_on_its_selected_file(tmp_path, toy):
     from prefsel.models import load_tokenizer
     from prefsel.tokenization import PairTokenizer

@@ -104,6 +104,10 @@ class TrainConfig:
     logging_steps: int = 1
     eval_steps: int | None = None  # None: only at the end of training (when eval data is given)
     save_steps: int | None = None  # None: only at the end of training
+    # the checkpoint at the last step (weights + optimizer state: about 14 bytes per parameter for
+    # bf16 with Adam, most of a run's storage); off: OUTPUT/final only, --resume restarts from the
+    # last --save-steps checkpoint
+    final_checkpoint: bool = True
     keep_checkpoints: int = 2
     use_tensorboard: bool = True
     use_wandb: bool = False

@@ -214,10 +214,12 @@ class Logger:
             self.wandb.finish()
 
 
-def _save_checkpoint(engine, cfg: TrainConfig, step: int, metrics: dict, rank: int) -> None:
+def _save_checkpoint(engine, cfg: TrainConfig, step: int, metrics: dict, rank: int, keep: bool = True) -> None:
+    """ray.train.report(metrics) with this step's checkpoint; metrics only when `keep` is False
+    or in local mode (which keeps no checkpoints)."""
     import ray.train
 
-    if cfg.local_mode:  # local mode keeps no checkpoints: report the metrics only
+    if cfg.local_mode or not keep:
         ray.train.report(metrics)
         return
     d = tempfile.mkdtemp(prefix=f"prefsel-ckpt-{rank}-")
@@ -339,7 +341,8 @@ def train_one_step(w: Worker, engine, objective: Objective, rows: list[dict], or
 def train_steps(w: Worker, engine, objective: Objective, rows: list[dict], eval_rows: list[dict],
                 start: int, logger: Logger, on_step_end: Callable[[int, int], None] | None = None):
     """Steps start .. last_step. After step s (counted from 1): metrics every --logging-steps,
-    evaluation every --eval-steps, a checkpoint every --save-steps, all three at the last step;
+    evaluation every --eval-steps, a checkpoint every --save-steps, all three at the last step
+    (its checkpoint unless --no-final-checkpoint);
     then on_step_end(s, rank) if given. Returns (the last metrics, tokens trained on)."""
     cfg = w.cfg
     engine.train()
@@ -369,8 +372,10 @@ def train_steps(w: Worker, engine, objective: Objective, rows: list[dict], eval_
             ev = evaluate(engine, objective, eval_rows, cfg, w.rank, w.world, step, w.device)
             metrics.update(ev)
             logger.log(done, ev)
-        if (cfg.save_steps and done % cfg.save_steps == 0) or done == w.last_step:
-            _save_checkpoint(engine, cfg, done, {**metrics, "step": done}, w.rank)
+        at_save = bool(cfg.save_steps) and done % cfg.save_steps == 0
+        if at_save or done == w.last_step:
+            _save_checkpoint(engine, cfg, done, {**metrics, "step": done}, w.rank,
+                             keep=at_save or cfg.final_checkpoint)
         if on_step_end is not None:
             on_step_end(done, w.rank)
     return metrics, tokens
