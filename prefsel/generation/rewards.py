@@ -26,7 +26,7 @@ def load_reward_model(path: str, *, dtype: str = "auto", device: str | None = No
     from prefsel.packing import resolve_attn
 
     dev = resolve_device(device)
-    kwargs = {"attn_implementation": resolve_attn(attn_implementation)} if attn_implementation else {}
+    kwargs = {"attn_implementation": resolve_attn(attn_implementation, dev)} if attn_implementation else {}
     model = AutoModelForSequenceClassification.from_pretrained(
         path, dtype=resolve_dtype(dtype, dev), trust_remote_code=trust_remote_code, **kwargs
     )

@@ -46,8 +46,9 @@ from prefsel.train.objectives import (
     sft_objective,
 )
 
-def build_module(cfg: TrainConfig, pad_id: int, ds_config: dict | None = None):
-    """The trainable HF model, wrapped as LogpModule (dpo/hps/sft) or RewardModule (rm)."""
+def build_module(cfg: TrainConfig, pad_id: int, ds_config: dict | None = None,
+                 device: torch.device | None = None):
+    """The trainable HF model for `device`, wrapped as LogpModule (dpo/hps/sft) or RewardModule (rm)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     keep = None
@@ -63,7 +64,7 @@ def build_module(cfg: TrainConfig, pad_id: int, ds_config: dict | None = None):
 
         keep = HfDeepSpeedConfig(ds_config)  # from_pretrained then loads straight into ZeRO-3 shards
     kw = dict(dtype=torch.float32, trust_remote_code=cfg.trust_remote_code,
-              attn_implementation=resolve_attn(cfg.attn_implementation))
+              attn_implementation=resolve_attn(cfg.attn_implementation, device))
     torch.manual_seed(cfg.seed)
     if cfg.task == "rm":
         model = AutoModelForSequenceClassification.from_pretrained(cfg.model, num_labels=1, **kw)
@@ -299,7 +300,7 @@ def build_engine(w: Worker):
     from prefsel.train.strategy import deepspeed_config, make_engine
 
     cfg = w.cfg
-    module = build_module(cfg, w.pad_id, deepspeed_config(cfg) if cfg.strategy == "deepspeed" else None)
+    module = build_module(cfg, w.pad_id, deepspeed_config(cfg) if cfg.strategy == "deepspeed" else None, w.device)
     ref = load_reference(cfg, w.device) if cfg.needs_reference and cfg.ref_mode == "online" else None
     engine = make_engine(cfg, module, w.total_steps, w.device)
     return engine, Objective(cfg, ref, w.pad_id, w.device, w.total_steps, model=module.model)
