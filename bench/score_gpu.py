@@ -217,7 +217,7 @@ def main(argv=None) -> int:
             lay = Layout(packing=layout.packing, share_prompt=layout.share_prompt, max_tokens=args.max_tokens)
             # untimed: flex_attention compiles for the shapes it meets (and recompiles with dynamic
             # ones), so it warms up on the timed call's own batches; sdpa only needs its kernels
-            # and allocator warm, on a subset (a full call at 8B costs ~15 s of the step's limit)
+            # and allocator warm, on a subset (a second full call would eat the 8B step's time limit)
             run_engine(models, groups if attn == "flex_attention" else groups[: max(1, n // 16)], lay, device)
             best, gaps = None, None
             for _ in range(args.repeats):

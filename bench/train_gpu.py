@@ -476,9 +476,9 @@ def _run(a, work, words, vocab, params, skip, report, save) -> int:
         return out
 
     # 1. same batch: different token ids or a float32 disagreement stop the run; a bf16 miss is
-    # recorded and the timings go on (bf16 rounding differs between two correct trainers, and the
-    # float32 check above it is the exactness test); a check that could not run (an error) does
-    # not stop it either, and loss 1 of the table (the same batch in every row) is then the check
+    # recorded and the timings go on (bf16 rounding differs between two correct trainers; the
+    # float32 check is the exactness test); a check that could not run (an error) does not stop
+    # it either, and loss 1 of the table (the same batch in every row) is then the check
     if "check" not in skip:
         chk = stage("same-batch check", in_child, child_check, a_dict, pol_dir, ref_dir, data_path, text_o, rows_o, work)
         if chk is None:

@@ -101,8 +101,8 @@ def resolve_attn(attn: str | None, device: torch.device | str | None = None) -> 
     """The `attn_implementation` to load models with on `device`. `auto` (and None): transformers'
     default, sdpa where the architecture supports it, else eager (Gemma 2): both exact with
     prefsel's additive masks, on CPU and GPU. flex_attention only on a GPU: transformers compiles
-    it, and torch 2.13's CPU compiler fails (a C++ compile error) on some batch shapes a run meets
-    (packed rows under a small token budget, the third shape), so a CPU job could die mid-run."""
+    it, and torch 2.13's CPU compiler fails (a C++ compile error) on some of the batch shapes a
+    run meets (seen at the third shape of packed batches), so a CPU job could die mid-run."""
     if attn is None or attn == "auto":
         return None
     if attn not in ATTN_CHOICES:
