@@ -1,25 +1,37 @@
 #!/usr/bin/env bash
-# The GPU issue's measurements in three device calls, each inside the 10-minute limit: the
-# steps' own limits add up to at most 470 s a part, beside about 90 s for the wheels.
+# The GPU issue's measurements, sized for a 15-minute device budget: the steps run in priority
+# order, and with --deadline S none outlasts S seconds from the script's start (a step starts only
+# when its minimum still fits, under min(its own limit, the time left)); the steps left out are
+# printed with the command that runs them next, for a second call on the still-warm machine.
 #
-#   bash bench/gpu_suite.sh score      # score_gpu.py: 1B (+ bf16 exactness, profiler) and 8B
-#   bash bench/gpu_suite.sh train      # train_gpu.py: prefsel DPO (Ray Train, ZeRO-2) vs TRL, 1B
-#   bash bench/gpu_suite.sh serving    # score_pipeline.py and serve_load.py on the 1B shape
-#   bash bench/gpu_suite.sh all --tiny # every part on CPU with tiny shapes: the rehearsal
+#   bash bench/gpu_suite.sh all --deadline 500             # call 1 (timeout_s 560)
+#   bash bench/gpu_suite.sh pipeline_1b serve_1b --deadline 170   # call 2: what call 1 printed as next
+#   bash bench/gpu_suite.sh all --tiny                     # every step on CPU with tiny shapes: the rehearsal
+#
+# Steps (the order of `all`): score_1b score_8b train_1b pipeline_1b serve_1b; parts name groups of
+# them: score (score_1b score_8b), train (train_1b), serving (pipeline_1b serve_1b).
 #
 # On the GPU machine it first installs the carried wheels (.gpu/wheels.tar.xz, made here by
-# ../shared/tools/gpu-wheels.sh; carry `.gpu`). Each step runs under its own time limit and the
-# next step runs whatever happened; a step's log, JSON and table land in $STAGE/PART/ (outside
-# $OUT: the device returns at most 8 files), and that folder comes back as $OUT/PART.tar.gz,
-# with the tables also in $OUT/PART.md: bench/RESULTS.md is written from those.
+# ../shared/tools/gpu-wheels.sh; carry `.gpu`; about 11 s here). Each step's log, JSON and
+# profiler table land in $STAGE/suite/ (outside $OUT: the device returns at most 8 files), and
+# after every step that folder is archived to $OUT/suite.tar.gz and the tables to $OUT/suite.md
+# (temporary name, then rename), so a call cut off returns the steps before.
 set -u
-part=${1:?usage: gpu_suite.sh score|train|serving|all [--tiny]}
-tiny=0
-[ "${2:-}" = "--tiny" ] && tiny=1
+tiny=0 deadline=0 names=()
+while [ $# -gt 0 ]; do
+  case $1 in
+  --tiny) tiny=1 ;;
+  --deadline) deadline=${2:?--deadline needs seconds}; shift ;;
+  *) names+=("$1") ;;
+  esac
+  shift
+done
+[ ${#names[@]} -gt 0 ] || { echo "usage: gpu_suite.sh [--tiny] [--deadline S] all|score|train|serving|STEP..."; exit 2; }
+t_start=$(date +%s)
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 OUT=${OUT:-$root/runs/gpu_suite}
-STAGE=${STAGE:-$(mktemp -d /tmp/gpu_suite.XXXXXX)}  # the steps' files; only the archive goes to $OUT
+STAGE=${STAGE:-$(mktemp -d /tmp/gpu_suite.XXXXXX)}
 py=${PYTHON:-python3}  # the GPU machine's python3 holds its torch; here, the venv's
 [ -z "${PYTHON:-}" ] && [ -x "$root/.venv/bin/python" ] && [ $tiny = 1 ] && py="$root/.venv/bin/python"
 export PYTHONUNBUFFERED=1 RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled} TOKENIZERS_PARALLELISM=false
@@ -34,73 +46,88 @@ fi
 [ $tiny = 0 ] && [ -d /tmp/site ] && export PYTHONPATH=$root:/tmp/site${PYTHONPATH:+:$PYTHONPATH} PATH=/tmp/site/bin:$PATH
 export PYTHONPATH=$root${PYTHONPATH:+:$PYTHONPATH}
 
-step() {  # step NAME SECONDS CMD...: one benchmark, its own limit, its output in $dir/NAME.log
-  local name=$1 limit=$2
-  shift 2
-  echo "== $name (limit ${limit}s): $*"
-  echo "$name" >>"$dir/steps.txt"
-  local t0=$(date +%s)
-  timeout --kill-after=20 "$limit" "$@" >"$dir/$name.log" 2>&1
-  local rc=$?
-  echo "== $name: rc $rc, $(( $(date +%s) - t0 )) s"
-  tail -n 25 "$dir/$name.log"
-  archive  # after every step: a call cut off by the device's limit still returns the steps before
+dir=$STAGE/suite
+mkdir -p "$dir" "$OUT"
+: >"$dir/steps.txt"
+
+# One line a step: NAME OWN_LIMIT_S MIN_S COMMAND (the minimum: below it a step measures nothing
+# worth its time, so it is left for the next call). Limits are guesses until a GPU run: no
+# session has had one; the deadline, not these, keeps a call inside the device budget.
+if [ $tiny = 1 ]; then
+  d=$dir
+  STEPS="score_tiny 300 30 $py bench/score_gpu.py --tiny --exactness --exactness-pairs 8 --profile $d/profile_tiny.txt --json $d/score_tiny.json
+train_tiny 400 30 $py bench/train_gpu.py --tiny --json $d/train_tiny.json
+pipeline_tiny 300 30 $py bench/score_pipeline.py --shape tiny --pairs 256 --json $d/pipeline_tiny.json
+serve_tiny 300 30 $py bench/serve_load.py --shape tiny --levels 1 16 --json $d/serve_tiny.json"
+  ALL="score_tiny train_tiny pipeline_tiny serve_tiny"
+else
+  d=$dir
+  STEPS="score_1b 180 60 $py bench/score_gpu.py --shape 1b --pairs 512 --exactness --exactness-pairs 256 --profile $d/profile_1b.txt --json $d/score_1b.json
+score_8b 180 60 $py bench/score_gpu.py --shape 8b --pairs 160 --profile $d/profile_8b.txt --json $d/score_8b.json
+train_1b 210 90 $py bench/train_gpu.py --shape 1b --trl-weights fp32 --json $d/train_1b.json
+pipeline_1b 120 60 $py bench/score_pipeline.py --shape 1b --pairs 2048 --workdir /tmp/pb --json $d/pipeline_1b.json
+serve_1b 120 60 $py bench/serve_load.py --shape 1b --levels 1 16 --max-seconds 10 --workdir /tmp/pb --json $d/serve_1b.json"
+  ALL="score_1b score_8b train_1b pipeline_1b serve_1b"
+fi
+
+expand() {  # names -> steps, in the order given (parts and `all` expand in priority order)
+  local n
+  for n in "$@"; do
+    case $n in
+    all) echo $ALL ;;
+    score) echo $ALL | tr ' ' '\n' | grep '^score_' ;;
+    train) echo $ALL | tr ' ' '\n' | grep '^train_' ;;
+    serving) echo $ALL | tr ' ' '\n' | grep -E '^(pipeline|serve)_' ;;
+    *) echo "$STEPS" | grep -q "^$n " && echo "$n" || { echo "unknown step $n" >&2; return 2; } ;;
+    esac
+  done
 }
 
-archive() {  # $OUT/PART.md (each step's table: its JSON's, else the end of its log) and $OUT/PART.tar.gz
-  $py - "$dir" >"$OUT/$part_name.md.tmp" <<'PY'
+archive() {  # $OUT/suite.md (each step's table: its JSON's, else the end of its log) and $OUT/suite.tar.gz
+  $py - "$dir" >"$OUT/suite.md.tmp" <<'PY'
 import json, pathlib, sys
 d = pathlib.Path(sys.argv[1])
 print((d / "env.txt").read_text())
-for name in (d / "steps.txt").read_text().split():
+for line in (d / "steps.txt").read_text().splitlines():
+    name, _, status = line.partition(" ")
     log, js = d / f"{name}.log", d / f"{name}.json"
     table = json.loads(js.read_text()).get("table") if js.exists() else None
-    print(f"## {log.stem}\n\n{table or ''.join(log.read_text().splitlines(True)[-40:])}\n")
+    tail = "".join(log.read_text().splitlines(True)[-40:]) if log.exists() else ""
+    print(f"## {name} ({status})\n\n{table or tail}\n")
 PY
-  mv "$OUT/$part_name.md.tmp" "$OUT/$part_name.md"
-  tar -czf "$OUT/$part_name.tar.gz.tmp" -C "$STAGE" "$part_name" && mv "$OUT/$part_name.tar.gz.tmp" "$OUT/$part_name.tar.gz"
+  mv "$OUT/suite.md.tmp" "$OUT/suite.md"
+  tar -czf "$OUT/suite.tar.gz.tmp" -C "$STAGE" suite && mv "$OUT/suite.tar.gz.tmp" "$OUT/suite.tar.gz"
 }
 
-run_part() {
-  part_name=$1 dir=$STAGE/$1
-  mkdir -p "$dir" "$OUT"
-  : >"$dir/steps.txt"
-  { echo "# $1 on $($py -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU")'), $(date -u +%F)"
-    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null
-    $py -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'
-  } >"$dir/env.txt" 2>&1
-  case $1 in
-  score)
-    if [ $tiny = 1 ]; then
-      step score_tiny 300 $py bench/score_gpu.py --tiny --exactness --profile "$dir/profile_tiny.txt" --json "$dir/score_tiny.json"
-    else
-      step score_1b 250 $py bench/score_gpu.py --shape 1b --pairs 512 --exactness --profile "$dir/profile_1b.txt" \
-        --json "$dir/score_1b.json"
-      step score_8b 220 $py bench/score_gpu.py --shape 8b --pairs 192 --profile "$dir/profile_8b.txt" \
-        --json "$dir/score_8b.json"
-    fi ;;
-  serving)
-    if [ $tiny = 1 ]; then
-      step pipeline_tiny 300 $py bench/score_pipeline.py --shape tiny --pairs 256 --json "$dir/pipeline_tiny.json"
-      step serve_tiny 300 $py bench/serve_load.py --shape tiny --levels 1 16 --json "$dir/serve_tiny.json"
-    else
-      step pipeline_1b 260 $py bench/score_pipeline.py --shape 1b --pairs 3072 --workdir /tmp/pb \
-        --json "$dir/pipeline_1b.json"
-      step serve_1b 200 $py bench/serve_load.py --shape 1b --levels 1 16 --workdir /tmp/pb --json "$dir/serve_1b.json"
-    fi ;;
-  train)
-    if [ $tiny = 1 ]; then
-      step train_tiny 400 $py bench/train_gpu.py --tiny --json "$dir/train_tiny.json"
-    else
-      step train_1b 470 $py bench/train_gpu.py --shape 1b --trl-weights fp32 --json "$dir/train_1b.json"
-    fi ;;
-  *) echo "unknown part $1"; return 2 ;;
-  esac
-  echo "tables: $OUT/$1.md; everything: $OUT/$1.tar.gz"
-}
+todo=$(expand "${names[@]}") || exit 2
+{ echo "# GPU suite on $($py -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU")'), $(date -u +%F)"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null
+  $py -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'
+} >"$dir/env.txt" 2>&1
 
-if [ "$part" = all ]; then
-  for p in score train serving; do run_part $p; done
-else
-  run_part "$part"
+left_out=()
+for name in $todo; do
+  read -r _ limit min cmd <<<"$(echo "$STEPS" | grep "^$name ")"
+  if [ "$deadline" -gt 0 ]; then
+    remaining=$(( deadline - ($(date +%s) - t_start) ))
+    if [ "$remaining" -lt "$min" ]; then
+      echo "== $name: not run, ${remaining} s left of the deadline (needs ${min} s)"
+      left_out+=("$name")
+      continue
+    fi
+    [ "$remaining" -lt "$limit" ] && limit=$remaining
+  fi
+  echo "== $name (limit ${limit}s): $cmd"
+  t0=$(date +%s)
+  timeout --kill-after=15 "$limit" $cmd >"$dir/$name.log" 2>&1
+  rc=$?
+  echo "== $name: rc $rc, $(( $(date +%s) - t0 )) s"
+  tail -n 25 "$dir/$name.log"
+  echo "$name rc $rc in $(( $(date +%s) - t0 )) s of ${limit} s" >>"$dir/steps.txt"
+  archive  # after every step: a call cut off by the device's limit still returns the steps before
+done
+archive
+echo "tables: $OUT/suite.md; everything: $OUT/suite.tar.gz; $(( $(date +%s) - t_start )) s in all"
+if [ ${#left_out[@]} -gt 0 ]; then
+  echo "next: bash bench/gpu_suite.sh ${left_out[*]}$([ $tiny = 1 ] && echo ' --tiny') --deadline SECONDS"
 fi
