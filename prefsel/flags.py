@@ -85,13 +85,7 @@ def add_data_flags(p: argparse.ArgumentParser, cfg: type, *, data_dest: str = "d
     if "truncation" in names:
         g.add_argument("--truncation", default=default_of(cfg, "truncation"), choices=["reject", "prompt-left"],
                        help="over-long rows: reject them, or drop prompt tokens from the left")
-    if "strip_responses" in names:
-        g.add_argument("--keep-response-whitespace", dest="strip_responses", action="store_false",
-                       help="keep chat responses' leading/trailing whitespace verbatim (as TRL does)")
-    if "exact_continuation" in names:
-        g.add_argument("--tokenize-responses-alone", dest="exact_continuation", action="store_false",
-                       help="tokenize each response on its own (as TRL does) instead of as the continuation "
-                            "of the rendered text (SentencePiece: a leading word-start mark)")
+    add_response_flags(g, names)
     if "allow_all_rejected" in names:
         g.add_argument("--allow-all-rejected", action="store_true",
                        help="accept a run in which every row is rejected (default: exit non-zero)")
@@ -101,6 +95,26 @@ def add_data_flags(p: argparse.ArgumentParser, cfg: type, *, data_dest: str = "d
     if "hash_inputs" in names:
         g.add_argument("--hash-inputs", action="store_true",
                        help="fingerprint input files by content (SHA-256) for resume, not by size + mtime")
+
+
+RESPONSE_FIELDS = ("strip_responses", "exact_continuation")  # the fields add_response_flags sets
+
+
+def add_response_flags(g, names: set[str], *, unset: bool = False) -> None:
+    """How responses are tokenized (prefsel.tokenization.PairTokenizer), for the fields of `names`
+    among strip_responses and exact_continuation (both on by default; each flag turns one off).
+    `unset`: a flag not given leaves None instead of True, so a command that merges its flags over
+    a config file (`prefsel serve --config`) keeps the file's value."""
+    unset_default = {"default": None} if unset else {}
+    if "strip_responses" in names:
+        g.add_argument("--keep-response-whitespace", dest="strip_responses", action="store_false",
+                       help="keep chat responses' leading/trailing whitespace verbatim (as TRL does)",
+                       **unset_default)
+    if "exact_continuation" in names:
+        g.add_argument("--tokenize-responses-alone", dest="exact_continuation", action="store_false",
+                       help="tokenize each response on its own (as TRL does) instead of as the continuation "
+                            "of the rendered text (SentencePiece: a leading word-start mark)",
+                       **unset_default)
 
 
 def add_scoring_flags(p: argparse.ArgumentParser, cfg: type) -> None:

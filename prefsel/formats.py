@@ -257,9 +257,22 @@ def _hh(row: dict) -> Example:
     if not msgs or msgs[-1]["role"] != "assistant" or msgs[-1]["content"]:
         raise RowError("field 'chosen': HH prompt must end with an empty Assistant turn")
     msgs = msgs[:-1]
-    chosen = _check_response(c[cut:], "chosen")
-    rejected = _check_response(r[ri + len(HH_ASSISTANT) :], "rejected")
+    if not any(m["role"] == "user" for m in msgs):
+        # Nothing to respond to: the prompt would be empty (or a bare "Assistant:" tag shown as
+        # the user's message), so the pair says nothing about responses to a prompt.
+        raise RowError("field 'chosen': no '\\n\\nHuman:' turn before the last Assistant turn in HH text")
+    chosen = _hh_response(c[cut:], "chosen")
+    rejected = _hh_response(r[ri + len(HH_ASSISTANT) :], "rejected")
     return Example(msgs, prompt_text, [chosen, rejected], conversational=True, prompt_field="chosen")
+
+
+def _hh_response(text: str, name: str) -> str:
+    """The text after the last Assistant turn, as the response. A Human turn there would make
+    the user's next message part of the response (the last Assistant turn is not the last
+    turn), so the row is rejected rather than scored with it."""
+    if HH_HUMAN in text:
+        raise RowError(f"field '{name}': HH text ends with a '\\n\\nHuman:' turn after the last Assistant turn")
+    return _check_response(text, name)
 
 
 def _multi(row: dict) -> Example:

@@ -91,6 +91,12 @@ def local_ray_loopback():
 # ---- what determines a run's output ----------------------------------------------------------------
 
 
+# Files of a model folder that decide its outputs: config and weights, and every tokenizer
+# file format (tokenizer.json, SentencePiece .model, BPE merges.txt / WordPiece vocab.txt,
+# tiktoken vocabularies, chat_template.jinja).
+MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".bin", ".model", ".jinja", ".txt", ".tiktoken")
+
+
 def model_stamp(path: str) -> str:
     """Identify a model by name, plus sizes and times of its files when it is a local folder."""
     p = Path(path)
@@ -99,7 +105,7 @@ def model_stamp(path: str) -> str:
     parts = [
         f"{f.name}:{f.stat().st_size}:{int(f.stat().st_mtime)}"
         for f in sorted(p.iterdir())
-        if f.is_file() and f.suffix in (".json", ".safetensors", ".bin", ".model", ".jinja")
+        if f.is_file() and f.suffix in MODEL_FILE_SUFFIXES
     ]
     return path + "|" + hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
@@ -144,6 +150,16 @@ def input_stamps(files: list[str], content_hash: bool = False) -> dict[str, str]
     return stamps
 
 
+def chat_template_stamp(chat_template: str) -> str:
+    """What identifies --chat-template: "auto" and "none" as they are (auto's template is in the
+    tokenizer's files, stamped with them); a template file by its path and the SHA-256 of its
+    text, so an edit between a killed run and its rerun is caught (a template is a few KB)."""
+    p = Path(chat_template)
+    if chat_template in ("auto", "none") or not p.is_file():
+        return chat_template  # not a file: the tokenizer refuses it, in this run and any rerun
+    return f"{chat_template}|sha256={hashlib.sha256(p.read_bytes()).hexdigest()}"
+
+
 @dataclass(kw_only=True)
 class JobConfig:
     """What every job over a corpus takes besides its models and its own settings (keyword-only,
@@ -174,9 +190,13 @@ def job_fingerprint(cfg: JobConfig, files: list[str], models: tuple[str, ...], s
     tokenizer's stamp, the shared settings of JobConfig and the job's own named `settings`."""
     return {
         "data": input_stamps(files, cfg.hash_inputs),
+        # how "data" was stamped, so a rerun that switches --hash-inputs is told so (not that a
+        # file changed); only when on, so the fingerprints of runs without it stay as they were
+        **({"hash_inputs": True} if cfg.hash_inputs else {}),
         **{name: model_stamp(getattr(cfg, name)) for name in models},
         "tokenizer": model_stamp(cfg.tokenizer_path),
-        **{k: getattr(cfg, k) for k in ("chat_template", "chunk_rows", "split", "dtype", *settings)},
+        "chat_template": chat_template_stamp(cfg.chat_template),
+        **{k: getattr(cfg, k) for k in ("chunk_rows", "split", "dtype", *settings)},
     }
 
 

@@ -16,12 +16,18 @@ endpoint, the trainers and the reward-model annotation, so they can never disagr
   pad == EOS and a sequence ends with EOS, that is the token before it);
 - `map_groups` runs functions of a TokenBatch over (prompt, responses) groups, batched by the
   layout's token budget, every function on the same batches (policy and reference see
-  identical tensors); `response_logprobs` / `sequence_rewards` take padded tensors.
+  identical tensors); `response_logprobs` / `sequence_rewards` take padded tensors;
+- `logit_transform` is what a family's forward does to its head's output (scale, soft-cap,
+  vocabulary padding cut off), and `checked_layout` probes a layout once per model against the
+  model's own forward, the safety net for what neither knows (packing.layout_for calls it).
 """
 
 from __future__ import annotations
 
+import warnings
+import weakref
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -32,7 +38,9 @@ from prefsel.packing import (
     Group,
     Layout,
     TokenBatch,
+    one_batch,
     plan_batches,
+    text_config,
 )
 
 __all__ = ["DEFAULT_MAX_TOKENS_PER_BATCH", "DEFAULT_CHUNK_TOKENS", "Layout", "TokenBatch", "ForwardStats"]
@@ -92,19 +100,58 @@ def _activation_dtype(backbone: torch.nn.Module) -> torch.dtype:
     return next((p.dtype for p in backbone.parameters() if p.is_floating_point()), torch.float32)
 
 
-def _postprocess_logits(model, logits: torch.Tensor) -> torch.Tensor:
-    # Some families transform logits after the head; mirror what their forward() does.
-    cfg = model.config
-    scale = getattr(cfg, "logit_scale", None)  # Cohere multiplies
-    if scale is not None and isinstance(scale, (int, float)):
-        logits = logits * scale
-    scaling = getattr(cfg, "logits_scaling", None)  # Granite divides
-    if scaling is not None and isinstance(scaling, (int, float)):
-        logits = logits / scaling
-    cap = getattr(cfg, "final_logit_softcapping", None)  # Gemma 2/3
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
+@dataclass(frozen=True)
+class LogitTransform:
+    """What a family's forward() does to its LM head's output, in this order: keep the first
+    `vocab` entries (the head is padded to a round size), multiply by `scale`, soft-cap to
+    cap * tanh(logits / cap)."""
+
+    vocab: int | None = None
+    scale: float = 1.0
+    cap: float | None = None
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.vocab is not None and self.vocab < logits.shape[-1]:
+            logits = logits[..., : self.vocab]
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        if self.cap:
+            logits = torch.tanh(logits / self.cap) * self.cap
+        return logits
+
+
+# composite models whose forward() applies none of the transforms their text config names
+# (Gemma3ForConditionalGeneration never soft-caps; Gemma3ForCausalLM, Gemma 3n and Gemma 4 do)
+_HEAD_AS_IS = ("Gemma3ForConditionalGeneration",)
+
+
+def logit_transform(model: torch.nn.Module) -> LogitTransform:
+    """The transform `model`'s forward() applies after its LM head, as transformers 5 families
+    read it from their (text) config; tests/test_model_families.py checks each family against
+    its own forward, and `checked_layout` any model once."""
+    model = unwrap_adapters(model)
+    if type(model).__name__ in _HEAD_AS_IS:
+        return LogitTransform()
+    cfg = text_config(model.config)
+    kind = getattr(cfg, "model_type", None) or ""
+
+    def number(name: str) -> float | None:
+        value = getattr(cfg, name, None)
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+    scale = 1.0
+    if kind.startswith("cohere") and number("logit_scale"):  # MPT's config names one its forward never uses
+        scale *= number("logit_scale")
+    if number("logits_scaling"):  # Granite divides (MiniCPM3 its hidden states, before a head without bias)
+        scale *= number("logits_scaling") if kind == "hyperclovax" else 1.0 / number("logits_scaling")
+    if number("lm_head_multiplier"):  # Falcon-H1
+        scale *= number("lm_head_multiplier")
+    if number("logits_mup_width_multiplier"):  # Inkling divides its hidden states (a head without bias)
+        scale /= number("logits_mup_width_multiplier")
+    # Gemma 2/3/3n/4, VaultGemma, Inkling 2; RecurrentGemma; xLSTM
+    cap = number("final_logit_softcapping") or number("logits_soft_cap") or number("output_logit_soft_cap")
+    vocab = getattr(cfg, "unpadded_vocab_size", None)  # Inkling: the head's padding rows are cut off
+    return LogitTransform(vocab=vocab if isinstance(vocab, int) else None, scale=scale, cap=cap)
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -129,13 +176,14 @@ def batch_logprobs(
     response token until backward (2.1 GB for 4k tokens at a 128k vocabulary), for one more head
     matmul per token (about 2 x hidden x vocabulary FLOPs). No effect without gradients."""
     backbone, head = backbone_and_head(model, "lm")
+    transform = logit_transform(model)
     hidden = batch_hidden_states(model, backbone, batch)
     states = hidden[batch.target_index]
     targets = batch.target_ids
     recompute = recompute_head and torch.is_grad_enabled()
     token_logps = []
     for start in range(0, states.shape[0], chunk_tokens):
-        chunk = (model, head, states[start : start + chunk_tokens], targets[start : start + chunk_tokens])
+        chunk = (transform, head, states[start : start + chunk_tokens], targets[start : start + chunk_tokens])
         token_logps.append(checkpoint(_head_logps, *chunk, use_reentrant=False) if recompute else _head_logps(*chunk))
     sums = torch.zeros(batch.num_sequences, dtype=sum_dtype, device=hidden.device)
     if token_logps:
@@ -143,9 +191,10 @@ def batch_logprobs(
     return sums
 
 
-def _head_logps(model, head: torch.nn.Module, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def _head_logps(transform: LogitTransform, head: torch.nn.Module, states: torch.Tensor,
+                targets: torch.Tensor) -> torch.Tensor:
     """log p(target) at each state: the head, logits in float32, the family's logit transform."""
-    logits = _postprocess_logits(model, head(states).float())
+    logits = transform(head(states).float())
     return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
 
 
@@ -253,3 +302,104 @@ def map_groups(
             for j, x in zip(sequence_ids, v.tolist()):
                 out[m][j] = float(x)
     return out
+
+
+# -- the probe: a layout against the model's own forward, once per model ----------------------
+
+# (prompt length, response lengths) of the probe's groups: packed, two segments share a row;
+# shared, a whole group is one segment; every sequence is longer than a window of 4
+_PROBE_SHAPE = ((6, (3, 4)), (2, (1, 2)), (1, (3,)))
+# largest |prefsel - own forward| per response token (an LM, nats) or per reward: float32 layouts
+# agree to ~1e-6; in bf16 logits near 20 are rounded to 0.125, and each layout rounds its own way
+_PROBE_TOLERANCE = {torch.float64: 1e-4, torch.float32: 1e-3}
+_PROBE_TOLERANCE_16BIT = 0.5
+_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {layout: layout to use}
+
+
+def checked_layout(model: torch.nn.Module, layout: Layout) -> Layout:
+    """`layout` if prefsel's forward in it gives `model`'s own forward's results (each sequence
+    run alone) on a tiny probe; else the right-padded layout if that does, with a warning.
+    Raises ValueError when that disagrees too: the model's forward computes something prefsel's
+    does not (a logit transform it does not know). Once per model and layout; a model that is
+    neither a causal LM nor a sequence classifier is not probed."""
+    kind = _model_kind(model)
+    if kind is None:
+        return layout
+    done = _CHECKED.setdefault(model, {})
+    if layout not in done:
+        done[layout] = _checked(model, layout, kind)
+    return done[layout]
+
+
+def _model_kind(model: torch.nn.Module) -> str | None:
+    for kind in ("lm", "reward"):
+        try:
+            backbone_and_head(model, kind)
+            return kind
+        except TypeError:
+            continue
+    return None
+
+
+def _checked(model: torch.nn.Module, layout: Layout, kind: str) -> Layout:
+    name = type(unwrap_adapters(model)).__name__
+    err, tol = _probe(model, layout, kind)
+    if err <= tol:
+        return layout
+    safe = layout.padded("right")
+    if safe != layout and _probe(model, safe, kind)[0] <= tol:
+        warnings.warn(f"{name}: the {'shared ' if layout.shares else ''}{'packed' if layout.packing else 'padded'} "
+                      f"layout is {err:.3g} per token away from the model's own forward on a probe (tolerance "
+                      f"{tol:g}); scoring it padded on the right instead", RuntimeWarning, stacklevel=4)
+        return safe
+    raise ValueError(f"{name}: prefsel's forward is {err:.3g} per token away from the model's own forward on a "
+                     f"probe (tolerance {tol:g}), in every layout: its family transforms hidden states or logits "
+                     f"in a way prefsel does not know")
+
+
+def _probe(model: torch.nn.Module, layout: Layout, kind: str) -> tuple[float, float]:
+    """(largest |prefsel in `layout` - the model's own forward of each sequence alone| per
+    response token, the tolerance for the model's dtype), in eval mode, without gradients."""
+    base = unwrap_adapters(model)
+    backbone, _ = backbone_and_head(model, kind)
+    dtype = _activation_dtype(backbone)
+    device = base.get_input_embeddings().weight.device
+    groups = _probe_groups(base.config)
+    training = base.training
+    base.eval()
+    try:
+        with torch.no_grad():
+            batch = one_batch(groups, 0, layout, device)
+            got = batch.in_order((batch_logprobs if kind == "lm" else batch_rewards)(model, batch)).tolist()
+            want = [_own_forward(base, prompt, r, kind, device) for prompt, rs in groups for r in rs]
+    finally:
+        base.train(training)
+    sizes = [len(r) if kind == "lm" else 1 for _, rs in groups for r in rs]
+    err = max(abs(g - w) / n for g, w, n in zip(got, want, sizes))
+    return err, _PROBE_TOLERANCE.get(dtype, _PROBE_TOLERANCE_16BIT)
+
+
+def _probe_groups(config) -> list[Group]:
+    """Deterministic token ids from 3 on, none of them a special token (a reward model's own
+    forward pools at the last token that is not its pad token)."""
+    cfg = text_config(config)
+    special = set()
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        ids = getattr(cfg, name, None)
+        special |= set(ids) if isinstance(ids, (list, tuple)) else {ids}
+    total = sum(p + sum(rs) for p, rs in _PROBE_SHAPE)
+    tokens = iter([t for t in range(3, 3 + total + len(special)) if t not in special][:total])
+    vocab = getattr(cfg, "vocab_size", None) or total + 3
+    take = lambda n: [next(tokens) % vocab for _ in range(n)]  # noqa: E731
+    return [(take(p), [take(n) for n in rs]) for p, rs in _PROBE_SHAPE]
+
+
+def _own_forward(model: torch.nn.Module, prompt: Sequence[int], response: Sequence[int], kind: str,
+                 device: torch.device) -> float:
+    """The model's own forward of one sequence: its summed response log-probs, or its reward."""
+    out = model(input_ids=torch.tensor([[*prompt, *response]], device=device)).logits[0].float()
+    if kind == "reward":
+        return float(out[0])
+    logp = out.log_softmax(-1)
+    p = len(prompt)
+    return sum(float(logp[p + j - 1, t]) for j, t in enumerate(response) if p + j >= 1)

@@ -63,10 +63,20 @@ def _check_loss_type(loss_type: str) -> None:
         raise ValueError(f"unknown loss_type {loss_type!r}; valid: {', '.join(DPO_LOSS_TYPES)}")
 
 
+def _check_gamma(gamma: float) -> None:
+    # a non-finite gamma makes every hardness weight NaN: the sampler would pick by position
+    if not (isinstance(gamma, (int, float)) and math.isfinite(gamma)):
+        raise ValueError(f"gamma must be a finite number, got {gamma!r}")
+
+
 def _check_beta(beta: float) -> None:
     # ipo / sppo_hard divide by beta, and beta <= 0 flips or kills the objective.
     if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
         raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
+
+
+def _at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 # --------------------------------------------------------------------------------------------
@@ -168,8 +178,11 @@ def dpo_loss(
     """
     _check_loss_type(loss_type)
     _check_beta(beta)
-    chosen_logratios = policy_chosen_logps - ref_chosen_logps
-    rejected_logratios = policy_rejected_logps - ref_rejected_logps
+    # log-ratios of sums of ~1000 log-probs cancel most digits: never subtract below float32
+    pc, rc, pr, rr = (_at_least_float32(t) for t in
+                      (policy_chosen_logps, ref_chosen_logps, policy_rejected_logps, ref_rejected_logps))
+    chosen_logratios = pc - rc
+    rejected_logratios = pr - rr
     chosen_rewards = beta * chosen_logratios
     rejected_rewards = beta * rejected_logratios
     margin = beta * (chosen_logratios - rejected_logratios)
@@ -254,7 +267,11 @@ def hps_negative_probs(
     n = r.size
     if not 0 <= chosen_index < n:
         raise IndexError(f"chosen_index {chosen_index} out of range for {n} responses")
-    logits = gamma * r
+    _check_gamma(gamma)
+    with np.errstate(over="ignore"):  # an overflow is the error raised below
+        logits = gamma * r
+    if not np.all(np.isfinite(logits)):
+        raise ValueError(f"gamma * reward overflows (gamma {gamma!r}, largest |reward| {np.abs(r).max():.3g})")
     neg = np.ones(n, dtype=bool)
     neg[chosen_index] = False
     # Subtract the max over the negatives only so exp never overflows and at least one term is 1.
@@ -338,6 +355,7 @@ def hps_aggregate_negative(
     ``c = num_negatives`` (default: the row's count of negatives) if ``scale_by_n_minus_1`` else 1.
     Computed as ``log c + logsumexp(log q_j + r_theta_j)`` so no exp overflows.
     """
+    _check_gamma(gamma)
     if bool((neg_mask.sum(dim=-1) == 0).any()):
         raise ValueError("every row needs at least one valid negative response")
     dt = rewards_theta.dtype
@@ -410,6 +428,7 @@ def hps_multi_negative_loss(
     if not bool(valid[is_chosen].all()):
         raise ValueError("a chosen response is masked out")
 
+    policy_logps = _at_least_float32(policy_logps)
     rewards_theta = beta * (policy_logps - ref_logps.to(policy_logps.dtype))
     r_w = rewards_theta.gather(1, idx[:, None]).squeeze(1)
     r_neg = hps_aggregate_negative(

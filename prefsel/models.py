@@ -82,16 +82,10 @@ _POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length
 
 def _config_positions(config) -> int | None:
     """The positions a model config allows (its text part for multimodal configs), or None."""
-    get_text = getattr(config, "get_text_config", None)
-    configs = [config]
-    if callable(get_text):
-        try:
-            text = get_text()
-        except Exception:  # noqa: BLE001 - some configs cannot split off a text part
-            text = None
-        if text is not None and text is not config:
-            configs.insert(0, text)
-    for cfg in configs:
+    from prefsel.packing import text_config
+
+    text = text_config(config)
+    for cfg in (text, config) if text is not config else (config,):
         for key in _POSITION_KEYS:
             value = getattr(cfg, key, None)
             if isinstance(value, int) and not isinstance(value, bool) and 0 < value < _UNSET_LENGTH:

@@ -24,7 +24,12 @@ per-slot tensors (segment id, branch, position) the way each attention backend n
 additive float [B, 1, W, W] mask for sdpa/eager (a boolean one is silently wrong with eager; no
 mask at all lets packed sequences see each other), a FlexAttention BlockMask, or, for
 flash_attention_2, no mask and positions that restart (varlen), which cannot share a prompt.
-Sliding-window layers get their own mask, the window counted in positions.
+Sliding-window layers get their own mask, the window counted in positions (read from the text
+config of composite models: Gemma 3 4B+, Gemma 3n and Gemma 4 load as *ForConditionalGeneration).
+
+Packing needs a model whose only token mixing is attention under that mask, at the distances
+position_ids give; `layout_for` keeps the others padded (`unpackable` says why), and checks the
+layout once per model against the model's own forward (`logprobs.checked_layout`).
 """
 
 from __future__ import annotations
@@ -42,6 +47,47 @@ _MASKED = ("sdpa", "eager", "flex_attention")
 
 # one prompt and its responses, token ids
 Group = tuple[Sequence[int], Sequence[Sequence[int]]]
+
+# Layer types prefsel's masks steer; any other (linear_attention, hybrid, chunked_attention, ...)
+# mixes tokens in a way they do not reach.
+_MASKED_LAYER_TYPES = ("full_attention", "sliding_attention")
+# ALiBi adds a bias built from slot indices (MPT) or from the 2D mask's running count (Bloom,
+# Falcon with alibi=True), never from position_ids: in a packed row a shared prompt's second
+# response sees it at the first response's length too far, and Bloom's and Falcon's bias
+# builders cannot take a 4D mask at all (an unpacking error).
+_ALIBI_TYPES = ("bloom", "mpt")
+# Recurrent models whose recurrence takes no attention mask: the state runs through every slot
+# of a row, the previous sequence's and pads before it too (RWKV and xLSTM name no layer types).
+_UNMASKED_RECURRENT_TYPES = ("rwkv", "xlstm", "recurrent_gemma")
+
+
+def text_config(config):
+    """The config of a model's language part: `get_text_config()` for composite (multimodal)
+    configs, whose top level holds no layer types, windows or logit transforms; the config itself
+    otherwise, or where several text parts make that ambiguous (MusicGen)."""
+    get_text = getattr(config, "get_text_config", None)
+    if not callable(get_text):
+        return config
+    try:
+        return get_text()
+    except ValueError:
+        return config
+
+
+def unpackable(config) -> str | None:
+    """Why packed rows would be wrong for a model with this config, or None: prefsel's masks
+    keep a row's sequences apart only where attention under them is the only token mixing and
+    positions come from position_ids."""
+    cfg = text_config(config)
+    kind = getattr(cfg, "model_type", None)
+    if kind in _ALIBI_TYPES or getattr(cfg, "alibi", None) is True:
+        return f"{kind}: ALiBi biases come from slot indices, not position_ids"
+    if kind in _UNMASKED_RECURRENT_TYPES:
+        return f"{kind}: a recurrent state runs on through every slot of a row"
+    other = sorted(set(getattr(cfg, "layer_types", None) or ()) - set(_MASKED_LAYER_TYPES))
+    if other:
+        return f"{kind}: layer types {', '.join(other)} are not steered by an attention mask"
+    return None
 
 
 @dataclass(frozen=True)
@@ -84,16 +130,37 @@ class Layout:
             return self
         if attn == "flash_attention_2":
             return Layout(packing=True, share_prompt=False, max_tokens=self.max_tokens, varlen=True)
-        return Layout(packing=False, share_prompt=False, padding_side=self.padding_side,
+        return self.padded()
+
+    def padded(self, padding_side: str | None = None) -> Layout:
+        """The padded layout with this one's budget (and padding side unless given)."""
+        return Layout(packing=False, share_prompt=False, padding_side=padding_side or self.padding_side,
                       max_tokens=self.max_tokens, max_rows=self.max_rows)
+
+    def for_config(self, config) -> Layout:
+        """This layout as a model with `config` runs it exactly: padded where packing is not
+        (`unpackable`), right-padded where pads before a sequence would reach it (a recurrent
+        model that takes no mask; pads after a sequence never reach it in a causal model)."""
+        if self.packing and unpackable(config) is None:
+            return self
+        kind = getattr(text_config(config), "model_type", None)
+        side = "right" if kind in _UNMASKED_RECURRENT_TYPES else self.padding_side
+        return self.padded(side) if self.packing or side != self.padding_side else self
 
 
 def layout_for(models: Sequence[torch.nn.Module], layout: Layout) -> Layout:
-    """`layout` as the models' attention backends can run it (see Layout.for_attention)."""
+    """`layout` as the models run it exactly: what their configs allow (Layout.for_config),
+    their attention backends (Layout.for_attention), then once per model and layout a probe
+    against the model's own forward (logprobs.checked_layout), which falls back to the padded
+    layout if packing still disagrees with it."""
+    from prefsel.logprobs import checked_layout  # logprobs imports this module
+
     for m in models:
-        cfg = m.config.get_text_config() if hasattr(m.config, "get_text_config") else m.config
-        layout = layout.for_attention(getattr(m.config, "_attn_implementation", None),
-                                      getattr(cfg, "hidden_size", None))
+        cfg = text_config(m.config)
+        layout = layout.for_config(m.config).for_attention(getattr(cfg, "_attn_implementation", None),
+                                                           getattr(cfg, "hidden_size", None))
+    for m in models:
+        layout = checked_layout(m, layout)
     return layout
 
 
@@ -194,6 +261,10 @@ class TokenBatch:
         None (flash_attention_2 varlen)."""
         if self.padded:
             return self.attention_mask_2d()
+        reason = unpackable(config)
+        if reason is not None:
+            raise ValueError(f"packed sequences: {reason} (use --no-packing)")
+        config = text_config(config)  # the language part's attention, layer types and windows
         attn = getattr(config, "_attn_implementation", None) or "eager"
         if attn == "flash_attention_2":
             if bool((self.branch > 0).any()):
@@ -221,15 +292,7 @@ def _layer_windows(config) -> dict:
         if getattr(config, "use_sliding_window", True) is False:
             window = None
         return {None: window}
-    out = {}
-    for t in set(types):
-        if t == "full_attention":
-            out[t] = None
-        elif t == "sliding_attention":
-            out[t] = window
-        else:
-            raise ValueError(f"packed sequences: layer type {t!r} is not supported (use --no-packing)")
-    return out
+    return {t: window if t == "sliding_attention" else None for t in set(types)}  # others: `unpackable`
 
 
 def _allowed(batch: TokenBatch, window: int | None) -> torch.Tensor:

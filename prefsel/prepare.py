@@ -6,13 +6,15 @@ are written back with one Arrow schema for the whole run (the source's own for P
 `datasets`; inferred from the first rows for JSON). Nothing is lost or changed: keys the schema
 does not know, and any value that would not come back from its Arrow column exactly as it went in
 (an int column's 7.5, a float column's 7, a message with a key the inferred struct lacks, a
-struct value lacking one of its keys), are kept in an `_extra` JSON column instead; the schema
+struct value lacking one of its keys, a field named like a column the output adds: `row_id`, a
+score column), are kept in an `_extra` JSON column instead; the schema
 fields a row does not have are listed there under MISSING_KEY, so `restore_record` gives back
 exactly the input's dict (a key absent from a row stays absent, never becomes null).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -26,10 +28,21 @@ from prefsel.sources import RawRow, not_object_reason, value_problem
 from prefsel.tokenization import PairTokenizer
 
 EXTRA_COLUMN = "_extra"
-RESERVED = ("row_id", "gap", EXTRA_COLUMN)
 MISSING_KEY = "__prefsel_missing__"  # in _extra: the schema fields this row did not have
 _ARROW_ERRORS = (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, TypeError, OverflowError,
                  ValueError)
+
+
+@functools.cache
+def reserved_names() -> frozenset[str]:
+    """The columns an output row adds to the original fields: row_id, _extra and the score
+    columns (prefsel.scoring.SCORE_COLUMNS, the one list of them). An input field with one of
+    these names (a scores output scored again, a corpus with its own `chosen_reward`) travels in
+    _extra, so it can never be a second column of that name; restore_record gives it back.
+    Imported here, not at module level: scoring pulls in torch, which this module does not need."""
+    from prefsel.scoring import SCORE_COLUMNS
+
+    return frozenset(("row_id", EXTRA_COLUMN, *SCORE_COLUMNS))
 
 
 def infer_schema(sample: list[dict]) -> pa.Schema:
@@ -59,7 +72,8 @@ def infer_schema(sample: list[dict]) -> pa.Schema:
 
 def record_schema(schema: pa.Schema) -> pa.Schema:
     """The original fields as written to outputs: the schema plus the _extra column."""
-    fields = [f for f in schema if f.name not in RESERVED]
+    reserved = reserved_names()
+    fields = [f for f in schema if f.name not in reserved]
     return pa.schema([*fields, pa.field(EXTRA_COLUMN, pa.string())])
 
 
@@ -143,14 +157,14 @@ def fits(value: Any, typ: pa.DataType) -> bool:
 
 def split_record(record: dict, schema: pa.Schema) -> dict:
     """Schema fields whose values round-trip exactly, as they are; everything else (other keys,
-    values that would not round-trip, and the list of absent schema fields under MISSING_KEY)
-    folded into _extra (JSON)."""
-    names = set(schema.names)
+    fields named like an output column (reserved_names), values that would not round-trip, and
+    the list of absent schema fields under MISSING_KEY) folded into _extra (JSON)."""
+    names, reserved = set(schema.names), reserved_names()
     out: dict = {}
-    extra = {k: v for k, v in record.items() if k not in names or k in RESERVED}
+    extra = {k: v for k, v in record.items() if k not in names or k in reserved}
     missing = []
     for f in schema:
-        if f.name in RESERVED:
+        if f.name in reserved:
             continue
         if f.name not in record:
             missing.append(f.name)
@@ -174,13 +188,11 @@ def restore_record(row: dict, schema: pa.Schema | None = None) -> dict:
     replace their (null) column values and the fields listed under MISSING_KEY are removed.
     The original key order is kept for the columns; keys from _extra follow in their order.
     """
+    reserved = reserved_names()
     if schema is not None:
-        keep = [f.name for f in schema if f.name not in RESERVED]
+        keep = [f.name for f in schema if f.name not in reserved]
     else:
-        from prefsel.scoring import SCORE_COLUMNS
-
-        drop = {*RESERVED, *SCORE_COLUMNS}
-        keep = [k for k in row if k not in drop]
+        keep = [k for k in row if k not in reserved]
     out = {k: row.get(k) for k in keep}
     extra = row.get(EXTRA_COLUMN)
     if extra:
@@ -195,7 +207,8 @@ def check_record(record: dict, schema: pa.Schema) -> list[str]:
     """The schema fields whose values do not fit the run's schema exactly: they travel in
     _extra (see split_record), so no row is rejected or altered for its types."""
     split = split_record(record, schema)
-    bad = [f.name for f in schema if f.name not in RESERVED and record.get(f.name) is not None
+    reserved = reserved_names()
+    bad = [f.name for f in schema if f.name not in reserved and record.get(f.name) is not None
            and split[f.name] is None]
     return bad
 

@@ -55,7 +55,13 @@ def exists(fs: pafs.FileSystem, path: str) -> bool:
 
 
 def fingerprint_diff(old: dict, new: dict) -> str:
-    """What differs between two fingerprints, in words: changed input files first."""
+    """What differs between two fingerprints, in words: a switched --hash-inputs first (the input
+    stamps are then of different kinds and always differ), then changed input files."""
+    if bool(old.get("hash_inputs")) != bool(new.get("hash_inputs")):
+        was, now = ("on", "off") if old.get("hash_inputs") else ("off", "on")
+        return (f"--hash-inputs was {was} for the unfinished run and is {now} now: input files are "
+                "stamped by content hash with it and by size + mtime without, so the stamps cannot "
+                f"be compared; rerun with --hash-inputs {was}")
     old_data, new_data = old.get("data"), new.get("data")
     if isinstance(old_data, dict) and isinstance(new_data, dict):
         changed = [f for f in new_data if f in old_data and old_data[f] != new_data[f]]
@@ -66,6 +72,17 @@ def fingerprint_diff(old: dict, new: dict) -> str:
             return f"input files differ: {sorted(set(old_data) ^ set(new_data))[:5]}"
     keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     return "differs in: " + ", ".join(keys)
+
+
+def shard_chunk_id(name: str, suffix: str) -> int | None:
+    """The chunk id of a shard's file name (`part-NNNNNN{suffix}`), None for any other file.
+
+    The id is the whole run of digits: `{chunk_id:06d}` pads to six digits but never cuts, so
+    chunk 1000005 is `part-1000005.parquet` (a fixed slice would read it as chunk 100000)."""
+    if not (name.startswith("part-") and name.endswith(suffix)):
+        return None
+    digits = name[len("part-"): len(name) - len(suffix)]
+    return int(digits) if digits.isascii() and digits.isdigit() else None
 
 
 class RunOutput:
@@ -121,12 +138,8 @@ class RunOutput:
 
     def done_chunks(self) -> set[int]:
         sel = self.fs.get_file_info(pafs.FileSelector(posixpath.join(self.dir, "scores"), allow_not_found=True))
-        done = set()
-        for info in sel:
-            name = posixpath.basename(info.path)
-            if name.startswith("part-") and name.endswith(".parquet"):
-                done.add(int(name[5:11]))
-        return done
+        ids = (shard_chunk_id(posixpath.basename(i.path), ".parquet") for i in sel)
+        return {c for c in ids if c is not None}
 
     def write_chunk(self, chunk_id: int, scores: pa.Table, rejects: list[dict]) -> None:
         """Rejects first, then the shard: a shard that exists means its chunk is complete."""

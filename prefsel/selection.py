@@ -16,6 +16,7 @@ import json
 import math
 import posixpath
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 import pyarrow as pa
@@ -59,6 +60,8 @@ class SelectConfig:
             raise ValueError("--ratio must be in (0, 1]")
         if self.top_k is not None and self.top_k < 0:
             raise ValueError("--top-k must be >= 0")
+        if self.gap_range is not None:
+            _require_finite("--gap-range", *self.gap_range)
         if self.strategy == "gap-range":
             if self.gap_range is None or len(self.gap_range) != 2 or self.gap_range[0] > self.gap_range[1]:
                 raise ValueError("--strategy gap-range needs --gap-range LO HI with LO <= HI")
@@ -71,12 +74,37 @@ class SelectConfig:
             raise ValueError("--band is only used with --strategy quantile-band")
         for name in ("min_gap", "max_gap"):
             v = getattr(self, name)
-            if v is not None and math.isnan(v):
-                raise ValueError(f"--{name.replace('_', '-')} must be a number")
+            if v is not None:
+                _require_finite(f"--{name.replace('_', '-')}", v)
         if self.min_gap is not None and self.max_gap is not None and not self.min_gap < self.max_gap:
             raise ValueError("--min-gap must be below --max-gap (both bounds are exclusive)")
         if self.report_rows < 0:
             raise ValueError("--report-rows must be >= 0")
+
+
+def _require_finite(flag: str, *values: float) -> None:
+    """Refuse a NaN or infinite bound: every comparison with NaN is false, so such a bound would
+    silently keep no row (and an infinite one is no bound)."""
+    bad = [v for v in values if not math.isfinite(v)]
+    if bad:
+        raise ValueError(f"{flag} must be a finite number, got {bad[0]}")
+
+
+def json_gap(value: float) -> float | None:
+    """A gap as strict JSON allows it: None (null) for a NaN or infinite gap, whose bare NaN /
+    Infinity Python's json would write and strict JSON readers refuse. Scoring does not reject
+    a pair whose log-probs are not finite, so such gaps can reach a scores output."""
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def floor_share(n: int, fraction: float) -> int:
+    """floor(n * fraction), exact for the decimal the fraction was written as.
+
+    A ratio is typed as a decimal ("0.57") but held as the nearest float, a little below or above
+    it; n * float is rounded again, so floor() loses a row at some n (floor(10**8 * 0.57) gives
+    56999999). The float's shortest repr is the decimal typed, so Fraction(repr) is exact."""
+    return math.floor(n * Fraction(repr(float(fraction))))
 
 
 def gap_filter(gaps: np.ndarray, min_gap: float | None = None, max_gap: float | None = None) -> np.ndarray:
@@ -95,7 +123,7 @@ def gap_filter(gaps: np.ndarray, min_gap: float | None = None, max_gap: float | 
 
 def band_positions(n: int, lo: float, hi: float) -> tuple[int, int]:
     """The quantile band's positions in the (gap, row_id) order: [floor(n*lo), floor(n*hi)), half-open."""
-    return min(n, int(math.floor(n * lo + 1e-9))), min(n, int(math.floor(n * hi + 1e-9)))
+    return min(n, floor_share(n, lo)), min(n, floor_share(n, hi))
 
 
 def choose(
@@ -158,7 +186,7 @@ def target_k(n: int, ratio: float, top_k: int | None) -> int:
     """k = floor(N * ratio), or --top-k when given."""
     if top_k is not None:
         return min(top_k, n)
-    return int(math.floor(n * ratio + 1e-9))
+    return floor_share(n, ratio)
 
 
 def _scores_dataset(uri: str) -> tuple[pads.Dataset, dict]:
@@ -185,7 +213,7 @@ def _restore_records(table: pa.Table) -> list[dict]:
     rows = []
     for r in table.to_pylist():
         out = restore_record(r)
-        out["row_id"], out["gap"] = r["row_id"], r["gap"]
+        out["row_id"], out["gap"] = r["row_id"], json_gap(r["gap"])
         rows.append(out)
     return rows
 
@@ -226,6 +254,11 @@ def _suspect_report(records: list[dict], count: int, n_scored: int, n_filtered: 
     }
 
 
+def _gap_text(gap: float | None) -> str:
+    """A gap in the report's table; None is a gap that was not finite (see json_gap)."""
+    return "not finite" if gap is None else f"{gap:.4g}"
+
+
 def _suspect_markdown(rep: dict) -> str:
     def cell(v) -> str:
         return str(v).replace("|", "\\|")
@@ -241,7 +274,7 @@ def _suspect_markdown(rep: dict) -> str:
     cols = ["row_id", "gap"] + [f for f in ("prompt", "chosen", "rejected") if rep["sample"] and f in rep["sample"][0]]
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rep["sample"]:
-        lines.append("| " + " | ".join(cell(f"{r[c]:.4g}" if c == "gap" else r.get(c, "")) for c in cols) + " |")
+        lines.append("| " + " | ".join(cell(_gap_text(r[c]) if c == "gap" else r.get(c, "")) for c in cols) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -331,9 +364,9 @@ def run_select(cfg: SelectConfig) -> dict:
         "seed": cfg.seed if cfg.strategy == "random" else None,
         "band": list(cfg.band) if cfg.band else None,
         "band_positions": list(band_positions(n_filtered, *cfg.band)) if cfg.band else None,
-        "cutoff_gap": cuts[0] if len(cuts) == 1 else (cuts or None),
+        "cutoff_gap": json_gap(cuts[0]) if len(cuts) == 1 else ([json_gap(c) for c in cuts] or None),
         "gap_quantiles": {f"q{int(q * 100):02d}": float(np.quantile(finite, q)) for q in QUANTILES} if len(finite) else {},
-        "selected_gap_mean": float(sel_gaps.mean()) if len(idx) else None,
+        "selected_gap_mean": json_gap(sel_gaps.mean()) if len(idx) else None,
         "negative_gaps": int((gaps < 0).sum()),
         "selected_negative_gaps": int((sel_gaps < 0).sum()),
         "selected_negative_share": float((sel_gaps < 0).mean()) if len(idx) else 0.0,
@@ -358,7 +391,7 @@ def run_select(cfg: SelectConfig) -> dict:
         summary["outputs"]["suspect_report_md"] = f"{root}/suspect_report.md"
     filters = {k: float(v) for k, v in (("min_gap", cfg.min_gap), ("max_gap", cfg.max_gap)) if v is not None}
     kept = f"{n_filtered} after filter, " if filters else ""
-    _histogram(out.fs, out.path("gap_histogram.png"), gaps, cuts,
+    _histogram(out.fs, out.path("gap_histogram.png"), gaps, [c for c in cuts if math.isfinite(c)],
                f"{n} pairs, {kept}{len(idx)} selected ({cfg.strategy})", filters)
     out.finalize(summary)
     return summary

@@ -15,6 +15,7 @@ import fnmatch
 import json
 import os
 import posixpath
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -243,12 +244,62 @@ def resolve_data(data: str) -> str:
     return data.rstrip("/") + folder[len(path):]
 
 
+_GLOB_CHARS = "*?["
+
+
+def _hidden(part: str) -> bool:
+    """A file or folder name a folder listing skips: `_`-prefixed (Spark's _SUCCESS, _temporary)
+    or `.`-prefixed (hidden, editors' and object stores' leftovers)."""
+    return part.startswith(("_", "."))
+
+
+def _part_matches(part: str, pattern: str) -> bool:
+    """One path segment against one glob segment, as a shell matches it: a wildcard never gives
+    a hidden name (`*` does not match `.x` or `_x`) unless the pattern itself starts with that
+    character (`.*.jsonl`, `_old`). Case-sensitive everywhere (object stores are)."""
+    if _hidden(part) and not pattern.startswith(part[0]):
+        return False
+    return fnmatch.fnmatchcase(part, pattern)
+
+
+def _glob_matches(parts: list[str], patterns: list[str]) -> bool:
+    """Whether the segments of a path match the segments of a glob: `*`, `?` and `[...]` stay
+    within one segment (they never match `/`); a `**` segment matches any number of folders, zero
+    included, none of them hidden. Patterns have a few segments, so the recursion is shallow."""
+    if not patterns:
+        return not parts
+    head, rest = patterns[0], patterns[1:]
+    if head == "**":
+        for i in range(len(parts) + 1):
+            if _glob_matches(parts[i:], rest):
+                return True
+            if i < len(parts) and _hidden(parts[i]):
+                return False  # `**` does not descend into a hidden folder
+        return False
+    return bool(parts) and _part_matches(parts[0], head) and _glob_matches(parts[1:], rest)
+
+
+def _glob_files(fs: pafs.FileSystem, pattern: str) -> list[str]:
+    """The files matching `pattern` (a path in `fs`, local or `bucket/key`), sorted, with shell
+    semantics segment by segment (see _glob_matches). The listing starts at the folder before
+    the first wildcard, and is recursive only when the pattern has more than one segment there."""
+    segments = pattern.split("/")
+    first = next(i for i, seg in enumerate(segments) if any(ch in seg for ch in _GLOB_CHARS))
+    base, rest = "/".join(segments[:first]) or "/", segments[first:]
+    recursive = len(rest) > 1 or "**" in rest
+    sel = fs.get_file_info(pafs.FileSelector(base, recursive=recursive, allow_not_found=True))
+    prefix = base.rstrip("/") + "/"
+    return sorted(
+        i.path for i in sel
+        if i.type == pafs.FileType.File and i.path.startswith(prefix)
+        and _glob_matches(i.path[len(prefix):].split("/"), rest)
+    )
+
+
 def _list_files(data: str) -> tuple[pafs.FileSystem, list[str], str]:
     fs, path = filesystem_for(data)
-    if any(ch in path for ch in "*?["):
-        base = path[: min(path.find(ch) for ch in "*?[" if ch in path)].rsplit("/", 1)[0] or "/"
-        sel = fs.get_file_info(pafs.FileSelector(base, recursive=True))
-        files = sorted(i.path for i in sel if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, path))
+    if any(ch in path for ch in _GLOB_CHARS):
+        files = _glob_files(fs, path)
         if not files:
             raise FileNotFoundError(f"--data: no files match {data!r}")
         return fs, files, "glob"
@@ -267,7 +318,7 @@ def _list_files(data: str) -> tuple[pafs.FileSystem, list[str], str]:
             for i in sel
             if i.type == pafs.FileType.File
             and _kind_of(i.path)
-            and not any(part.startswith(("_", ".")) for part in i.path[len(path) :].split("/"))
+            and not any(_hidden(part) for part in i.path[len(path) :].split("/"))
         )
         if not files:
             raise FileNotFoundError(f"--data: no .jsonl, .json or .parquet files under {data!r}")
@@ -363,35 +414,24 @@ def _iter_lines(f, block: int = 1 << 20):
 def _plan_json(fs, path, uri, row_start, chunk_rows, first_id) -> list[Chunk]:
     """Parse the file once: each chunk records the byte range of its elements, so a chunk's
     reader decodes only its own rows (a JSON array is never parsed again per chunk).
-    A column-oriented object ({field: [values]}) becomes in-memory row chunks."""
+    A column-oriented object ({field: [values]}) becomes in-memory row chunks; JSON lines saved
+    under a .json name (what `datasets`' to_json writes) are planned as JSON lines."""
     with fs.open_input_stream(path) as f:
         raw = f.read()
     text = raw.decode("utf-8-sig")
     bom = len(raw) - len(text.encode("utf-8"))
-    decoder = json.JSONDecoder()
     i = _skip_ws(text, 0)
     if text.startswith("{", i):
-        data = json.loads(text)
+        if _is_json_lines(text, i):
+            return _plan_jsonl(fs, path, uri, row_start, chunk_rows, first_id)
+        data = _load_whole_json(text, uri)
         if isinstance(data, dict) and data and all(isinstance(v, list) for v in data.values()):
-            n = len(next(iter(data.values())))
-            rows = [{k: v[j] if j < len(v) else None for k, v in data.items()} for j in range(n)]
+            rows = _column_rows(data, uri)
             return [Chunk(first_id + c, "rows", uri, row_start + s, len(rows[s:s + chunk_rows]), s,
-                          payload=rows[s:s + chunk_rows]) for c, s in enumerate(range(0, n, chunk_rows))]
+                          payload=rows[s:s + chunk_rows]) for c, s in enumerate(range(0, len(rows), chunk_rows))]
     if not text.startswith("[", i):
-        raise ValueError(f"--data: {uri} must hold a JSON array of objects (or use JSON lines)")
-    spans: list[tuple[int, int]] = []  # (start, end) character offsets of each element
-    i = _skip_ws(text, i + 1)
-    while not text.startswith("]", i):
-        try:
-            _, end = decoder.raw_decode(text, i)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--data: {uri} is not valid JSON: {e}") from None
-        spans.append((i, end))
-        i = _skip_ws(text, end)
-        if text.startswith(",", i):
-            i = _skip_ws(text, i + 1)
-        elif not text.startswith("]", i):
-            raise ValueError(f"--data: {uri} is not valid JSON: expected ',' or ']' at character {i}")
+        raise ValueError(f"--data: {uri} must hold a JSON array of objects (or use JSON lines, named .jsonl)")
+    spans = _array_spans(text, i, uri)
     chunks, byte_pos, char_pos = [], bom, 0
     for c, s in enumerate(range(0, len(spans), chunk_rows)):
         group = spans[s : s + chunk_rows]
@@ -401,6 +441,86 @@ def _plan_json(fs, path, uri, row_start, chunk_rows, first_id) -> list[Chunk]:
         char_pos = group[-1][1]
         chunks.append(Chunk(first_id + c, "json", uri, row_start + s, len(group), start, byte_pos - start))
     return chunks
+
+
+def _is_json_lines(text: str, i: int) -> bool:
+    """Whether `text` (from its first value at `i`) is JSON lines: its first line is one whole
+    JSON object and more follows on later lines. Neither valid JSON (one value) nor a
+    pretty-printed object (its first line alone does not parse) looks like that."""
+    eol = text.find("\n", i)
+    if eol < 0 or not text[eol:].strip():
+        return False
+    try:
+        first = json.loads(text[i:eol])
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(first, dict)
+
+
+def _load_whole_json(text: str, uri: str) -> Any:
+    """The file as one JSON value; what cannot be decoded is an error naming the file."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--data: {uri} is not valid JSON: {e} (JSON lines? name the file .jsonl)") from None
+    except RecursionError:  # one value: no single row to reject, so the file is refused
+        raise ValueError(f"--data: {uri}: JSON nested too deeply to decode as one value "
+                         f"(write it as JSON lines, one row per line, named .jsonl)") from None
+
+
+def _column_rows(data: dict[str, list], uri: str) -> list[dict]:
+    """The rows of a column-oriented object ({field: [values]}). Columns of different lengths
+    are refused: which row a value belongs to is then unknown, and cutting or padding would
+    lose or invent values."""
+    lengths = {k: len(v) for k, v in data.items()}
+    if len(set(lengths.values())) > 1:
+        shown = ", ".join(f"'{_escape_surrogates(str(k))}' {n}" for k, n in lengths.items())
+        raise ValueError(f"--data: {uri}: column-oriented JSON with columns of different lengths ({shown}); "
+                         "every column needs one value per row")
+    n = next(iter(lengths.values()))
+    return [{k: v[j] for k, v in data.items()} for j in range(n)]
+
+
+def _array_spans(text: str, i: int, uri: str) -> list[tuple[int, int]]:
+    """The (start, end) character offsets of each element of the JSON array opening at `i`.
+    An element too deep for the decoder keeps its span (found without decoding it, see
+    _value_end): its reader rejects it, as a too-deep JSON line is rejected."""
+    decoder = json.JSONDecoder()
+    spans: list[tuple[int, int]] = []
+    i = _skip_ws(text, i + 1)
+    while not text.startswith("]", i):
+        try:
+            _, end = decoder.raw_decode(text, i)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--data: {uri} is not valid JSON: {e}") from None
+        except RecursionError:
+            end = _value_end(text, i, uri)
+        spans.append((i, end))
+        i = _skip_ws(text, end)
+        if text.startswith(",", i):
+            i = _skip_ws(text, i + 1)
+        elif not text.startswith("]", i):
+            raise ValueError(f"--data: {uri} is not valid JSON: expected ',' or ']' at character {i}")
+    return spans
+
+
+# A JSON string, or one bracket: what _value_end needs to see of a value.
+_JSON_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]')
+
+
+def _value_end(text: str, i: int, uri: str) -> int:
+    """The end of the array or object opening at `i`, by counting brackets outside strings:
+    no recursion, so any depth. Only the extent is found; the reader decodes (and rejects) it."""
+    depth = 0
+    for m in _JSON_TOKEN.finditer(text, i):
+        tok = m.group()
+        if tok[0] in "[{":
+            depth += 1
+        elif tok[0] in "]}":
+            depth -= 1
+            if depth == 0:
+                return m.end()
+    raise ValueError(f"--data: {uri} is not valid JSON: the value at character {i} is not closed")
 
 
 def _skip_ws(text: str, i: int) -> int:
@@ -491,7 +611,10 @@ def read_chunk(chunk: Chunk) -> list[RawRow]:
         fs, path = filesystem_for(chunk.path)
         with fs.open_input_file(path) as f:
             text = f.read_at(chunk.length, chunk.offset).decode("utf-8")
-        data = json.loads("[" + text + "]")
+        try:
+            data = json.loads("[" + text + "]")
+        except RecursionError:  # some element is too deep: decode one by one, reject that one
+            return _read_json_elements(text, chunk)
         return [RawRow(chunk.row_start + i, r) for i, r in enumerate(data)]
     if chunk.kind == "parquet":
         return next(read_unit([chunk]))[1]
@@ -509,6 +632,28 @@ def read_chunk(chunk: Chunk) -> list[RawRow]:
     if chunk.kind == "rows":
         return [RawRow(chunk.row_start + i, r) for i, r in enumerate(chunk.payload)]
     raise ValueError(f"unknown chunk kind {chunk.kind!r}")
+
+
+def _read_json_elements(text: str, chunk: Chunk) -> list[RawRow]:
+    """The rows of a JSON array chunk (`text`: its elements and the commas between them), each
+    decoded alone: an element too deep to decode is a RawRow with the reason a too-deep JSON
+    line gets, its text kept as `raw`."""
+    decoder = json.JSONDecoder()
+    rows: list[RawRow] = []
+    i = _skip_ws(text, 0)
+    while i < len(text):
+        rid = chunk.row_start + len(rows)
+        try:
+            obj, end = decoder.raw_decode(text, i)
+            rows.append(RawRow(rid, obj))
+        except RecursionError:
+            end = _value_end(text, i, chunk.path)
+            rows.append(RawRow(rid, None, raw=text[i:end],
+                               error=f"row: JSON nested too deeply (more than {MAX_JSON_DEPTH} levels)"))
+        i = _skip_ws(text, end)
+        if text.startswith(",", i):
+            i = _skip_ws(text, i + 1)
+    return rows
 
 
 def _read_jsonl(chunk: Chunk) -> list[RawRow]:

@@ -43,6 +43,15 @@ def all_rejected_error(summary: dict, top: int = 3) -> str | None:
     return f"all {rows_in} rows were rejected, none scored: {shown}"
 
 
+def jsonl_lines(data: bytes) -> list[str]:
+    """The non-blank lines of a JSON-lines file's bytes, split on "\\n" only.
+
+    Not str.splitlines(): it also splits at U+2028, U+2029, U+0085 and other separators, which
+    JSON text written with ensure_ascii=False (prefsel.prepare.dumps) holds raw inside strings,
+    so one record would become two halves that are not JSON."""
+    return [line for line in data.decode("utf-8").split("\n") if line.strip()]
+
+
 def count_output(fs: pafs.FileSystem, root: str) -> dict:
     """Rows, tokens and reject reasons in an output folder's shards."""
     scored = tokens = 0
@@ -60,9 +69,8 @@ def count_output(fs: pafs.FileSystem, root: str) -> dict:
         if not info.path.endswith(".jsonl"):
             continue
         with fs.open_input_stream(info.path) as f:
-            for line in f.read().decode("utf-8").splitlines():
-                if line.strip():
-                    reasons[reason_kind(json.loads(line)["reason"])] += 1
+            for line in jsonl_lines(f.read()):
+                reasons[reason_kind(json.loads(line)["reason"])] += 1
     return {"rows_scored": scored, "rows_rejected": sum(reasons.values()), "tokens": tokens, "reasons": reasons}
 
 

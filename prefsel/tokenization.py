@@ -194,9 +194,16 @@ class PairTokenizer:
                 raise RowError(f"field '{name}': no tokens")
         if not prompt_ids:
             raise RowError("field 'prompt': no tokens (the first response token would have no context)")
-        return self._fit(prompt_ids, responses, names)
+        return self._fit(prompt_ids, responses, names, ex.prompt_field)
 
-    def _fit(self, prompt_ids: list[int], responses: list[list[int]], names: list[str]) -> TokenizedExample:
+    def _fit(self, prompt_ids: list[int], responses: list[list[int]], names: list[str],
+             prompt_field: str = "prompt") -> TokenizedExample:
+        """The row within max_length: as it is, or (prompt-left) with the prompt cut from the
+        left down to what the longest response leaves, keeping BOS and at least one token.
+
+        An over-long row names the field at fault: the longest response when it does not fit
+        even after that one token of prompt (no truncation of the prompt can help), else the
+        prompt (`prompt_field`, where the prompt lives): the rows prompt-left would keep."""
         if self.max_length is None:
             return TokenizedExample(prompt_ids, responses)
         longest = max(len(r) for r in responses)
@@ -207,12 +214,15 @@ class PairTokenizer:
             f"prompt {len(prompt_ids)} + {which} {longest} = {len(prompt_ids) + longest} tokens "
             f"> max_length {self.max_length}"
         )
-        if self.truncation == "reject":
-            raise RowError(f"field '{which}': too long: {detail}")
         head = prompt_ids[:1] if self.bos_id is not None else []
-        keep = self.max_length - longest - len(head)
+        keep = self.max_length - longest - len(head)  # prompt tokens (after BOS) the response leaves room for
         if keep < 1:
+            if self.truncation == "reject":
+                raise RowError(f"field '{which}': too long: {detail}")
             raise RowError(f"field '{which}': response alone too long to fit: {detail}")
+        if self.truncation == "reject":
+            raise RowError(f"field '{prompt_field}': too long: {detail} "
+                           f"(the prompt leaves no room for {which}; --truncation prompt-left keeps its end)")
         return TokenizedExample(head + prompt_ids[len(head) :][-keep:], responses)
 
 

@@ -231,7 +231,8 @@ def load_scorer(args: ScorerArgs):
     tok = load_tokenizer(args.tokenizer or args.policy, trust_remote_code=args.trust_remote_code)
     check_same_vocab(tok, pol, ref)
     max_length = args.max_length if args.max_length is not None else model_context_length(tok, [pol, ref])
-    pair_tokenizer = PairTokenizer(tok, args.chat_template, max_length, args.truncation)
+    pair_tokenizer = PairTokenizer(tok, args.chat_template, max_length, args.truncation,
+                                   strip_responses=args.strip_responses, exact_continuation=args.exact_continuation)
     config = ScoreConfig(beta=args.beta, max_tokens_per_batch=args.max_tokens_per_batch, packing=args.packing,
                          share_prompt=args.share_prompt)
     return pair_tokenizer, PairScorer(pol, ref, tok.pad_token_id, config, dev), max_length
@@ -257,6 +258,8 @@ class GapScorer:
             "max_length": max_length,
             "truncation": args.truncation,
             "chat_template": args.chat_template,
+            "strip_responses": args.strip_responses,
+            "exact_continuation": args.exact_continuation,
             "max_pairs_per_request": args.max_pairs_per_request,
             "max_tokens_per_request": args.max_tokens_per_request,
             "max_body_bytes": args.max_body_bytes,

@@ -3,7 +3,9 @@
 `ServeArgs` is the one definition of the application's arguments, their types, bounds and
 defaults: `serve.app:build_app` takes it (Ray Serve validates a config file's `args` or
 `serve run ... key=value` into it), and the `prefsel serve` flags are derived from its fields
-(`max_length` -> `--max-length`). It lives here rather than in serve/app.py so that building the
+(`max_length` -> `--max-length`), except the response-tokenization fields, whose flags are the
+`prefsel score` ones (prefsel.flags.add_response_flags: --keep-response-whitespace,
+--tokenize-responses-alone). It lives here rather than in serve/app.py so that building the
 `prefsel` command line does not import Ray Serve and FastAPI.
 
 `serve_main(argv)` is what `prefsel serve` calls. Settings come from --config (a Ray Serve
@@ -22,9 +24,11 @@ from typing import Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from prefsel.flags import RESPONSE_FIELDS, add_response_flags, default_of
 from prefsel.gap import DEFAULT_BETA
 from prefsel.models import DTYPES
 from prefsel.packing import ATTN_CHOICES
+from prefsel.score_job import ScoreJobConfig
 from prefsel.scoring import ScoreConfig
 from prefsel.tokenization import TRUNCATION_MODES
 
@@ -45,6 +49,13 @@ class ScorerArgs(BaseModel):
     chat_template: str = Field("auto", description="auto, none or a template file")
     max_length: int | None = Field(None, ge=2, description="longest prompt+response in tokens (default: the models' context)")
     truncation: Literal[TRUNCATION_MODES] = Field("reject", description="a pair over max_length: 422 or cut the prompt's left")
+    # The batch scorer's defaults and flags (--keep-response-whitespace, --tokenize-responses-alone),
+    # so a `prefsel score` run made with them is reproduced over HTTP.
+    strip_responses: bool = Field(default_of(ScoreJobConfig, "strip_responses"),
+                                  description="chat responses lose outer whitespace (false: kept verbatim, as TRL)")
+    exact_continuation: bool = Field(default_of(ScoreJobConfig, "exact_continuation"),
+                                     description="responses tokenized as the rendered text's continuation "
+                                                 "(false: each on its own, as TRL)")
     beta: float = Field(DEFAULT_BETA, gt=0, le=MAX_BETA, allow_inf_nan=False,
                         description="default DPO beta (a request may send its own)")
     max_pairs_per_request: int = Field(256, ge=1, description="413 above this many pairs")
@@ -137,7 +148,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     scorer = p.add_argument_group("replica (serve.app:build_app args)")
     shape = p.add_argument_group("deployment shape")
     for name, info in ServeArgs.model_fields.items():
-        _add_field_flag(scorer if name in ScorerArgs.model_fields else shape, name, info)
+        if name not in RESPONSE_FIELDS:  # those two: the `prefsel score` flags, defined once
+            _add_field_flag(scorer if name in ScorerArgs.model_fields else shape, name, info)
+    add_response_flags(scorer, set(RESPONSE_FIELDS), unset=True)
     p.add_argument("--host", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default 8000)")
     p.add_argument("--route-prefix", dest="route_prefix", help="default /")
@@ -219,15 +232,15 @@ def run(ns: argparse.Namespace) -> int:
         print("prefsel serve: warning: --auth-token is visible to every user of this machine (ps); "
               "prefer the environment variable PREFSEL_AUTH_TOKEN", file=sys.stderr)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import ray
     from ray import serve
 
+    from prefsel.jobs import init_ray
     from serve.app import build_app
 
     app = build_app(settings["app_args"])  # validates args before Ray starts
-    if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS")
-        ray.init(address=address) if address else ray.init()
+    # The one way prefsel starts Ray: RAY_ADDRESS's cluster, or a local Ray whose processes listen
+    # on 127.0.0.1 only. The HTTP proxy is not one of them: it binds http_options' host (--host).
+    init_ray()
     serve.start(http_options=settings["http"])
     print(f"prefsel serve: http://{settings['http']['host']}:{settings['http']['port']}"
           f"{settings['route_prefix'].rstrip('/')}/v1/gap (docs at /docs)", flush=True)

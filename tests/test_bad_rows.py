@@ -298,3 +298,30 @@ def test_score_job_with_every_kind_of_bad_row(tiny_models, tmp_path):
     expected = [i for i in range(len(lines)) if i not in rejects]
     assert scored == expected and 0 in scored  # the BOM row is scored
     assert summary["rows_scored"] == len(expected)
+
+
+@pytest.mark.parametrize("sep", ["\u2028", "\u2029", "\u0085"])
+def test_rejects_and_jsonl_shards_with_unicode_line_separators_are_read_back(tmp_path, sep):
+    """dumps writes U+2028, U+2029 and U+0085 raw inside JSON strings (ASCII controls are escaped),
+    and str.splitlines() splits at them; the rejects and JSON-lines shards are read back split on
+    "\\n" only, so the run's summary counts the row instead of dying (on every resume too)."""
+    import pyarrow as pa
+
+    from prefsel.generation.output import JsonlRunOutput, read_rejects
+    from prefsel.run_output import RunOutput
+    from prefsel.summary import count_output
+
+    reject = {"row_id": 1, "reason": "field 'rejected': missing", "record": {"chosen": f"line one{sep}line two"}}
+    assert sep in dumps(reject)  # written raw, not escaped
+    out = RunOutput(str(tmp_path / "o"), {"t": 1}, kind="scores")
+    empty = pa.table({c: pa.array([], pa.int64()) for c in ("row_id", "prompt_tokens", "chosen_tokens", "rejected_tokens")})
+    out.write_chunk(0, empty, [reject, {**reject, "row_id": 2}])
+    counted = count_output(out.fs, out.dir)
+    assert counted["rows_rejected"] == 2 and dict(counted["reasons"]) == {reject["reason"]: 2}
+
+    row = {"row_id": 0, "prompt": f"a{sep}b", "responses": [f"c{sep}d", "e"]}
+    jl = JsonlRunOutput(str(tmp_path / "g"), {"t": 1}, kind="generations")
+    jl.write_rows(0, [row], [reject])
+    assert jl.count() == {"rows_out": 1, "responses": 2, "rows_rejected": 1, "reject_reasons": {reject["reason"]: 1}}
+    jl.finalize({})
+    assert read_rejects(str(tmp_path / "g")) == [reject]

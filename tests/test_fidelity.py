@@ -133,6 +133,55 @@ def test_drifting_types_score_and_select_field_by_field(tiny_models, tmp_path):
         assert same_value(by_id[i], src), (i, src, by_id[i])
 
 
+def test_fields_named_like_score_columns_travel_in_extra():
+    import pyarrow as pa
+
+    from prefsel.score_job import scores_schema
+    from prefsel.scoring import SCORE_COLUMNS
+
+    rows = [{"prompt": "q", "chosen": "a", "rejected": "b", "row_id": 7, "gap": 0.5, "chosen_reward": 7.5,
+             "prompt_tokens": 3, "_extra": None}]
+    schema = infer_schema(rows)
+    names = scores_schema(schema).names
+    assert len(names) == len(set(names))  # one column per name: the input's own go to _extra
+    split = split_record(rows[0], schema)
+    assert set(SCORE_COLUMNS).isdisjoint(split) and json.loads(split["_extra"])["chosen_reward"] == 7.5
+    table = pa.Table.from_pylist([split], schema=record_schema(schema))
+    assert same_value(restore_record(table.to_pylist()[0], schema), rows[0])
+    # a scores row: the new scores are its columns, the input's come back from _extra
+    scored = {"row_id": 0, **table.to_pylist()[0], **{c: 1.0 for c in SCORE_COLUMNS}}
+    assert same_value(restore_record(scored), rows[0])
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_scoring_a_scores_output_again(tiny_models, tmp_path):
+    """Input fields named like score columns (here: a scores output scored again) are kept."""
+    from prefsel.score_job import ScoreJobConfig, run_score
+    from prefsel.selection import SelectConfig, run_select
+
+    rows = [{"prompt": f"Question {i}?", "chosen": f"Answer {i}.", "rejected": f"No {i}.",
+             "chosen_reward": 7.5 + i, "rejected_reward": 1.0, "gap": -1.0} for i in range(5)]
+    data = write_jsonl(tmp_path / "in.jsonl", rows)
+    run = dict(policy=tiny_models[0], reference=tiny_models[1], chunk_rows=2)
+    first = run_score(ScoreJobConfig(data=str(data), output=str(tmp_path / "s1"), **run))
+    assert first["rows_scored"] == len(rows)
+    s1 = read_scores(tmp_path / "s1").to_pylist()
+    for rec in s1:  # the input's chosen_reward / gap, not the new scores
+        assert same_value(restore_record(rec), rows[rec["row_id"]]), rec
+    second = run_score(ScoreJobConfig(data=str(tmp_path / "s1"), output=str(tmp_path / "s2"), **run))
+    assert second["rows_scored"] == len(rows) and second["rows_rejected"] == 0
+    s2 = read_scores(tmp_path / "s2").to_pylist()
+    for old, new in zip(s1, s2):
+        assert same_value(restore_record(new), old)  # the whole earlier scores row, exactly
+        assert math.isclose(new["gap"], old["gap"], abs_tol=1e-5)  # same models, same pair
+    # selection writes the input's format (Parquet here): its rows give the earlier rows back too
+    run_select(SelectConfig(scores=str(tmp_path / "s2"), output=str(tmp_path / "sel"), ratio=1.0))
+    selected = pq.read_table(tmp_path / "sel" / "selected.parquet").to_pylist()
+    assert len(selected) == len(rows)
+    for x in selected:
+        assert same_value(restore_record(x), s1[x["row_id"]]), x
+
+
 # --------------------------------------------------------------------------- 2. layouts
 
 

@@ -368,6 +368,20 @@ def test_hh_prefixes_differ(rejected):
     assert "differ" in msg
 
 
+@pytest.mark.parametrize("field", ["chosen", "rejected"])
+@pytest.mark.parametrize("tail", ["\n\nHuman: thanks", "\n\nHuman:", "\n\nHuman: ok\n\nAssistant"])
+def test_hh_human_turn_after_the_last_assistant_turn_is_rejected(field, tail):
+    # else the user's next message would be scored as part of the response
+    row = {**HH_OK, field: HH_OK[field] + tail}
+    assert "Human" in _raises_naming(row, "hh", field)
+
+
+def test_hh_without_human_turn_is_rejected():
+    # else the prompt is empty and a bare "Assistant:" tag is rendered as the user's message
+    msg = _raises_naming({"chosen": "\n\nAssistant: b", "rejected": "\n\nAssistant: c"}, "hh", "chosen")
+    assert "Human" in msg
+
+
 def test_hh_text_before_first_turn_names_field():
     row = {"chosen": "Preamble" + HH_OK["chosen"], "rejected": "Preamble" + HH_OK["rejected"]}
     _raises_naming(row, "hh", "chosen")

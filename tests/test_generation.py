@@ -346,3 +346,8 @@ def test_run_to_pairs_counts_add_up(tmp_path):
     assert manifest["complete"] and manifest["data_dir"] == "pairs"
     with pytest.raises(FileExistsError):
         run_to_pairs(ToPairsConfig(data=str(data), output=str(tmp_path / "pairs")))
+
+
+def test_to_pairs_refuses_a_non_finite_gamma():
+    with pytest.raises(ValueError, match="--gamma must be a finite number"):
+        ToPairsConfig(data="d", output="o", gamma=float("inf"))

@@ -500,3 +500,27 @@ def test_hps_input_errors():
         hps_multi_negative_loss(pol, ref, rm, [4])
     with pytest.raises(ValueError, match="shape"):
         hps_multi_negative_loss(pol, ref[:, :3], rm, [1])
+
+
+@pytest.mark.parametrize("gamma", [math.inf, -math.inf, math.nan])
+def test_non_finite_gamma_is_refused_not_turned_into_a_positional_pick(gamma):
+    # NaN hardness weights made the sampler's inverse CDF return the last non-best response
+    rewards = [0.45, 0.5, 0.1, -2.0]
+    with pytest.raises(ValueError, match="gamma must be a finite number"):
+        hps_sample_negative(rewards, gamma, np.random.default_rng(0))
+    pol, ref, rm = _row(POL, REF, RM)
+    with pytest.raises(ValueError, match="gamma must be a finite number"):
+        hps_multi_negative_loss(pol, ref, rm, [CH], gamma=gamma)
+    with pytest.raises(ValueError, match="overflows"):
+        hps_negative_probs([1e300, 2e300, 0.0], 1, 1e10)
+
+
+def test_dpo_log_ratios_never_subtracted_below_float32():
+    # bf16 sums of ~500 are spaced 2-4 apart: subtracting them in bf16 loses the margin
+    vals = [(-500.25, -520.5, -510.125, -530.0), (-480.0, -470.5, -479.0, -471.25)]
+    cols16 = [torch.tensor([v[i] for v in vals], dtype=torch.bfloat16) for i in range(4)]
+    got = dpo_loss(*cols16, beta=0.1).losses
+    assert got.dtype == torch.float32
+    # the hand value on the bf16-ROUNDED inputs: only the inputs' rounding, no arithmetic in bf16
+    want = [hand_dpo(*(float(c[k]) for c in cols16), 0.1, "sigmoid") for k in range(2)]
+    assert got.tolist() == pytest.approx(want, rel=1e-6)

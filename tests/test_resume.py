@@ -53,3 +53,65 @@ def test_same_size_same_mtime_edit_needs_hash_inputs(tiny_models, tmp_path):
     os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert fingerprint(by_stamp, [str(data)], "pairs") == fp_stamp  # the documented limit of stamps
     assert fingerprint(by_hash, [str(data)], "pairs") != fp_hash
+
+
+def test_chunk_ids_of_a_million_and_more_are_read_whole(tmp_path):
+    """Shards are named part-{chunk_id:06d}: from chunk 10**6 on the name has seven digits, and
+    resume must read all of them (a six-digit slice reads part-1000005 as chunk 100000, so chunk
+    100000 would be skipped as done and chunk 1000005 scored again)."""
+    import pyarrow as pa
+
+    out = RunOutput(str(tmp_path / "s"), {"t": 1}, kind="scores")
+    for chunk in (5, 999_999, 1_000_005, 12_345_678):
+        out.write_chunk(chunk, pa.table({"row_id": pa.array([chunk], pa.int64())}), [])
+    assert out.done_chunks() == {5, 999_999, 1_000_005, 12_345_678}
+    from prefsel.generation.output import JsonlRunOutput
+    from prefsel.run_output import shard_chunk_id
+
+    jl = JsonlRunOutput(str(tmp_path / "g"), {"t": 1}, kind="generations")
+    jl.write_rows(1_000_005, [{"row_id": 0}], [])
+    assert jl.done_chunks() == {1_000_005}
+    # only whole shard names: temporary files and others are not chunks
+    assert shard_chunk_id("part-000007.parquet.tmp-1a2b3c4d", ".parquet") is None
+    assert shard_chunk_id("part-.parquet", ".parquet") is None
+    assert shard_chunk_id("part-00x007.parquet", ".parquet") is None
+
+
+def test_chat_template_file_is_stamped_by_content(tiny_models, tmp_path):
+    """--chat-template FILE: an edit of the file (same path) between runs changes the fingerprint."""
+    data = write_jsonl(tmp_path / "in.jsonl", make_demo_pairs(4, seed=3))
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    cfg = ScoreJobConfig(policy=tiny_models[0], reference=tiny_models[1], data=str(data),
+                         output=str(tmp_path / "o"), chat_template=str(template))
+    before = fingerprint(cfg, [str(data)], "pairs")
+    assert fingerprint(cfg, [str(data)], "pairs") == before  # the same file: resume
+    template.write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{% endfor %}")
+    assert fingerprint(cfg, [str(data)], "pairs") != before
+
+
+@pytest.mark.parametrize("name", ["merges.txt", "vocab.txt", "qwen.tiktoken"])
+def test_model_stamp_covers_every_tokenizer_file(tmp_path, name):
+    """BPE merges, WordPiece vocabularies and tiktoken files decide the token ids too."""
+    from prefsel.jobs import model_stamp
+
+    (tmp_path / "config.json").write_text("{}")
+    f = tmp_path / name
+    f.write_text("a b\n")
+    before = model_stamp(str(tmp_path))
+    f.write_text("a b\nc d\n")
+    assert model_stamp(str(tmp_path)) != before
+
+
+def test_switching_hash_inputs_is_named_not_an_input_change(tiny_models, tmp_path):
+    """A rerun that adds or drops --hash-inputs is refused for that reason, not for a "changed" file."""
+    data = write_jsonl(tmp_path / "in.jsonl", make_demo_pairs(4, seed=4))
+    common = dict(policy=tiny_models[0], reference=tiny_models[1], data=str(data), output=str(tmp_path / "o"))
+    for first, second, was in ((False, True, "off"), (True, False, "on")):
+        RunOutput(common["output"], fingerprint(ScoreJobConfig(**common, hash_inputs=first), [str(data)], "pairs"),
+                  kind="scores", overwrite=True)
+        new = fingerprint(ScoreJobConfig(**common, hash_inputs=second), [str(data)], "pairs")
+        with pytest.raises(FileExistsError) as e:
+            RunOutput(common["output"], new, kind="scores")
+        assert f"--hash-inputs was {was} for the unfinished run" in str(e.value)
+        assert "input file changed" not in str(e.value)

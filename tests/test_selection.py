@@ -304,6 +304,69 @@ def test_new_config_validation():
         SelectConfig(scores="s", output="o", band=(0.1, 0.2))
     with pytest.raises(ValueError, match="--min-gap must be below"):
         SelectConfig(scores="s", output="o", min_gap=1.0, max_gap=1.0)
-    with pytest.raises(ValueError, match="--min-gap must be a number"):
+    with pytest.raises(ValueError, match="--min-gap must be a finite number"):
         SelectConfig(scores="s", output="o", min_gap=float("nan"))
     SelectConfig(scores="s", output="o", strategy="suspect-labels", min_gap=-5.0)
+
+
+def test_ratio_and_band_positions_are_exact_at_large_n():
+    """k = floor(N x ratio) for the decimal typed: floats alone (or a 1e-9 margin) lose a row at
+    large N (10**8 x 0.57 is 56999999.99999999 in floats)."""
+    from fractions import Fraction
+
+    from prefsel.selection import band_positions
+
+    assert target_k(10**8, 0.57, None) == 57_000_000
+    assert band_positions(10**8, 0.29, 0.57) == (29_000_000, 57_000_000)
+    for r in ("0.1", "0.29", "0.3", "0.33", "0.57", "0.7"):
+        for n in [*range(1, 300), *range(10**8, 10**8 + 300)]:
+            assert target_k(n, float(r), None) == int(n * Fraction(r)), (r, n)
+
+
+@pytest.mark.parametrize("kw,flag", [
+    (dict(strategy="gap-range", gap_range=(float("nan"), 1.0)), "--gap-range"),
+    (dict(strategy="gap-range", gap_range=(0.0, float("inf"))), "--gap-range"),
+    (dict(max_gap=float("nan")), "--max-gap"),
+    (dict(min_gap=float("-inf")), "--min-gap"),
+])
+def test_non_finite_bounds_are_refused_naming_the_flag(kw, flag):
+    """A NaN bound fails every comparison and would silently select nothing."""
+    with pytest.raises(ValueError, match=f"^{flag} must be a finite number, got"):
+        SelectConfig(scores="s", output="o", **kw)
+
+
+def test_cli_refuses_a_nan_gap_range(tmp_path, capsys):
+    from prefsel.cli import main
+
+    rows = [{"prompt": f"q{i}", "chosen": f"a{i}", "rejected": f"b{i}"} for i in range(4)]
+    scores = _scores_output(tmp_path, rows, [0.5, -1.0, 2.0, 0.0], "jsonl")
+    assert main(["select", "--scores", scores, "--output", str(tmp_path / "x"), "--strategy", "gap-range",
+                 "--gap-range", "nan", "1"]) == 2
+    assert "--gap-range must be a finite number" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_non_finite_gaps_are_null_in_selected_jsonl_and_summary(tmp_path):
+    """Scoring keeps a pair whose log-probs are not finite, so a gap may be NaN or infinite; the
+    selection's JSON files stay strict JSON (null), with the same rows selected."""
+    rows = [{"prompt": f"q{i}", "chosen": f"a{i}", "rejected": f"b{i}"} for i in range(6)]
+    gaps = [0.5, float("nan"), -1.0, float("-inf"), 2.0, 0.0]
+    scores = _scores_output(tmp_path, rows, gaps, "jsonl")
+
+    def strict(text: str):
+        def refuse(value):
+            raise ValueError(f"not strict JSON: {value}")
+        return json.loads(text, parse_constant=refuse)
+
+    s = run_select(SelectConfig(scores=scores, output=str(tmp_path / "all"), ratio=1.0))
+    lines = [strict(x) for x in (tmp_path / "all" / "selected.jsonl").read_text().split("\n") if x]
+    assert [x["row_id"] for x in lines] == [3, 2, 5, 0, 4, 1]  # -inf first, NaN last
+    assert [x["gap"] for x in lines] == [None, -1.0, 0.0, 0.5, 2.0, None]
+    summary = strict((tmp_path / "all" / "summary.json").read_text())
+    assert summary["cutoff_gap"] is None and summary["selected_gap_mean"] is None
+    assert s["rows_selected"] == 6
+    # the suspect report lists the -inf gap too (gap < 0), as strict JSON and in its table
+    run_select(SelectConfig(scores=scores, output=str(tmp_path / "sus"), strategy="suspect-labels"))
+    rep = strict((tmp_path / "sus" / "suspect_report.json").read_text())
+    assert [(r["row_id"], r["gap"]) for r in rep["sample"]] == [(3, None), (2, -1.0)]
+    assert "not finite" in (tmp_path / "sus" / "suspect_report.md").read_text()

@@ -23,6 +23,11 @@ TOKEN = "s3cret-token"
 MAX_PAIRS = 16
 MAX_TOKENS = 1500
 MAX_LENGTH = 96
+# Chat pairs whose responses carry outer whitespace: --keep-response-whitespace changes their ids.
+CHAT_PAIRS = [{"prompt": [{"role": "user", "content": r["prompt"]}],
+               "chosen": [{"role": "assistant", "content": f"  {r['chosen']}\n"}],
+               "rejected": [{"role": "assistant", "content": f"{r['rejected']} "}]} for r in PAIRS[:6]]
+VERBATIM = dict(strip_responses=False, exact_continuation=False)  # both batch tokenization options off
 
 
 def _free_port() -> int:
@@ -43,7 +48,25 @@ def batch_scores(ray_local, tiny_models, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(ray_local, tiny_models, batch_scores):
+def batch_scores_verbatim(ray_local, tiny_models, tmp_path_factory):
+    """The batch pipeline's scores of CHAT_PAIRS with --keep-response-whitespace and
+    --tokenize-responses-alone (parsed by the score command's own flags)."""
+    from prefsel.cli import build_parser, score_config
+    from prefsel.score_job import run_score
+
+    d = tmp_path_factory.mktemp("serve_parity_verbatim")
+    data = write_jsonl(d / "chat.jsonl", CHAT_PAIRS)
+    args = build_parser().parse_args(["score", "--policy", tiny_models[0], "--reference", tiny_models[1],
+                                      "--data", str(data), "--output", str(d / "out"),
+                                      "--keep-response-whitespace", "--tokenize-responses-alone"])
+    cfg = score_config(args)
+    assert (cfg.strip_responses, cfg.exact_continuation) == (False, False)
+    run_score(cfg)
+    return read_scores(d / "out").to_pylist()
+
+
+@pytest.fixture(scope="module")
+def server(ray_local, tiny_models, batch_scores, batch_scores_verbatim):
     from ray import serve
 
     from serve.app import build_app
@@ -56,6 +79,7 @@ def server(ray_local, tiny_models, batch_scores):
         serve.run(build_app({**common, "max_batch_size": 16, "batch_wait_timeout_s": 0.05}),
                   name="gap", route_prefix="/")
         serve.run(build_app({**common, "auth_token": TOKEN}), name="gap-auth", route_prefix="/auth")
+        serve.run(build_app({**common, **VERBATIM}), name="gap-verbatim", route_prefix="/verbatim")
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
             yield client
     finally:
@@ -85,6 +109,25 @@ def test_parity_with_batch_pipeline(server, batch_scores):
     for want, got in zip(batch_scores, body["results"]):
         for col in SCORE_COLUMNS:
             assert abs(want[col] - got[col]) <= 1e-5, (want["row_id"], col, want[col], got[col])
+
+
+def test_parity_with_batch_pipeline_with_its_tokenization_options(server, batch_scores_verbatim):
+    """A batch run made with --keep-response-whitespace --tokenize-responses-alone is reproduced by
+    an endpoint started with the same options (and differs from the default endpoint's scores)."""
+    from serve.run import build_parser, resolve_settings
+
+    args = resolve_settings(build_parser().parse_args(["--policy", "P", "--reference", "R",
+                                                       "--keep-response-whitespace", "--tokenize-responses-alone"]))
+    assert {k: args["app_args"][k] for k in VERBATIM} == VERBATIM  # the same flags as `prefsel score`
+    got = server.post("/verbatim/v1/gap", json={"pairs": CHAT_PAIRS})
+    assert got.status_code == 200, got.text
+    for want, res in zip(batch_scores_verbatim, got.json()["results"], strict=True):
+        for col in SCORE_COLUMNS:
+            assert abs(want[col] - res[col]) <= 1e-5, (want["row_id"], col, want[col], res[col])
+    default = _post(server, {"pairs": CHAT_PAIRS}).json()["results"]
+    assert [r["chosen_tokens"] for r in default] != [r["chosen_tokens"] for r in got.json()["results"]]
+    info = server.get("/verbatim/v1/models").json()
+    assert {k: info[k] for k in VERBATIM} == VERBATIM
 
 
 def test_curl_style_form_content_type_is_read_as_json(server):
@@ -522,3 +565,55 @@ def test_max_length_defaults_to_the_models_context(tiny_models):
 
     pair_tokenizer, _, max_length = load_scorer(ServeArgs(policy=tiny_models[0], reference=tiny_models[1]))
     assert max_length == pair_tokenizer.max_length == 1024  # the tiny models have 1024 positions
+
+
+def test_serve_starts_ray_through_the_shared_init(monkeypatch):
+    """`prefsel serve` without RAY_ADDRESS starts Ray the way every prefsel command does
+    (prefsel.jobs.init_ray: a local Ray on 127.0.0.1 only, tests/test_local_ray.py), never with a
+    plain ray.init() that listens on every interface; Serve's proxy is started after it."""
+    import ray
+    from ray import serve as ray_serve
+
+    import prefsel.jobs
+    from serve.run import build_parser, run
+
+    class Started(Exception):
+        pass
+
+    calls = []
+
+    def init_ray(num_cpus=None):
+        calls.append("init_ray")
+        raise Started
+
+    def refuse(what):
+        def call(*a, **kw):
+            raise AssertionError(f"{what} called")
+        return call
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(prefsel.jobs, "init_ray", init_ray)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as in a fresh `prefsel serve`
+    monkeypatch.setattr(ray, "init", refuse("ray.init"))
+    monkeypatch.setattr(ray_serve, "start", refuse("serve.start before Ray"))
+    with pytest.raises(Started):
+        run(build_parser().parse_args(["--policy", "P", "--reference", "R"]))
+    assert calls == ["init_ray"]
+
+
+def test_response_flags_merge_over_a_config_file(tmp_path):
+    """--keep-response-whitespace / --tokenize-responses-alone are the score command's flags; not
+    given, a config file's value stays (and with neither, the batch scorer's default: True)."""
+    from serve.run import build_parser, resolve_settings
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("applications:\n  - args: {policy: P, reference: R, strip_responses: false}\n")
+
+    def app_args(*argv: str) -> dict:
+        a = resolve_settings(build_parser().parse_args(list(argv)))["app_args"]
+        return {k: a[k] for k in ("strip_responses", "exact_continuation")}
+
+    assert app_args("--config", str(cfg)) == {"strip_responses": False, "exact_continuation": True}
+    assert app_args("--config", str(cfg), "--tokenize-responses-alone") == {"strip_responses": False,
+                                                                           "exact_continuation": False}
+    assert app_args("--policy", "P", "--reference", "R") == {"strip_responses": True, "exact_continuation": True}

@@ -358,10 +358,34 @@ def test_truncation_reject(which, request):
     with pytest.raises(RowError) as e:
         PairTokenizer(tok, max_length=limit).encode(ex)
     msg = str(e.value)
-    assert "field 'rejected'" in msg  # the longest response is named
+    assert "field 'prompt'" in msg  # the responses fit: the long prompt is what overflows
     assert f"prompt {n_p} + rejected {n_r} = {n_p + n_r} tokens > max_length {limit}" in msg
     # exactly at the limit: unchanged
     assert PairTokenizer(tok, max_length=n_p + n_r).encode(ex) == full
+
+
+@pytest.mark.parametrize("which", ["qwen", "tiny"])
+@pytest.mark.parametrize("fmt", ["pairs", "hh"])
+def test_truncation_reject_names_the_prompt_exactly_when_prompt_left_would_fit_it(which, fmt, request):
+    """The prompt is named when the longest response fits beside BOS and one prompt token (the
+    rows --truncation prompt-left keeps), the response when it does not."""
+    tok = request.getfixturevalue(which)
+    if fmt == "hh":
+        p = "\n\nHuman: " + LONG_PROMPT + "\n\nAssistant:"
+        ex = to_example({"chosen": p + " ok", "rejected": p + " not at all, no"}, "hh")
+        prompt_field = "chosen"  # where an HH prompt lives
+    else:
+        ex = pairs(LONG_PROMPT, " ok", " not at all, no")
+        prompt_field = "prompt"
+    full = PairTokenizer(tok).encode(ex)
+    head = 1 if tok.bos_token_id is not None else 0
+    room = head + 1 + len(full.rejected_ids)  # the shortest row prompt-left can make
+    with pytest.raises(RowError, match=rf"^field '{prompt_field}': too long: prompt \d+ \+ rejected"):
+        PairTokenizer(tok, max_length=room).encode(ex)
+    assert len(PairTokenizer(tok, max_length=room, truncation="prompt-left").encode(ex).prompt_ids) == head + 1
+    for truncation in ("reject", "prompt-left"):
+        with pytest.raises(RowError, match=r"^field 'rejected': .*too long"):
+            PairTokenizer(tok, max_length=room - 1, truncation=truncation).encode(ex)
 
 
 def test_truncation_reject_names_chosen_when_longest(qwen):
@@ -444,10 +468,10 @@ def test_empty_prompt_without_bos_rejected(qwen, tiny):
 def test_multi_too_long_names_response_index(qwen):
     ex = to_example({"prompt": LONG_PROMPT, "responses": [" a", " b", " a longer third answer"]}, "multi")
     with pytest.raises(RowError, match=r"field 'responses\[2\]': too long"):
-        PairTokenizer(qwen, max_length=12).encode(ex)
+        PairTokenizer(qwen, max_length=4).encode(ex)  # the response alone does not fit
 
 
 def test_multi_two_responses_too_long_names_responses_field(qwen):
     ex = to_example({"prompt": LONG_PROMPT, "responses": [" a", " a longer second answer"]}, "multi")
     with pytest.raises(RowError, match=r"field 'responses\[1\]'"):
-        PairTokenizer(qwen, max_length=12).encode(ex)
+        PairTokenizer(qwen, max_length=4).encode(ex)  # the response alone does not fit

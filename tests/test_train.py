@@ -282,6 +282,11 @@ def test_config_defaults_and_validation():
         TrainConfig("dpo", "m", "d", "/o", local_mode=True)  # default strategy deepspeed
     with pytest.raises(ValueError, match="--num-workers must be 1"):
         TrainConfig("dpo", "m", "d", "/o", local_mode=True, strategy="ddp", num_workers=2, train_batch_size=8)
+    for bad in ({"gamma": float("nan")}, {"gamma_start": float("-inf")}, {"gamma_end": float("inf")}):
+        with pytest.raises(ValueError, match="must be finite"):
+            TrainConfig("hps", "m", "d", "/o", **bad)
+    with pytest.raises(ValueError, match="--seed must be >= 0"):  # numpy's default_rng refuses it in the workers
+        TrainConfig("dpo", "m", "d", "/o", seed=-1)
 
 
 # ---- Ray Train runs ----------------------------------------------------------------------------------

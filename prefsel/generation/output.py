@@ -18,8 +18,9 @@ from collections.abc import Iterator
 
 from pyarrow import fs as pafs
 
-from prefsel.run_output import RunOutput, exists, write_text
+from prefsel.run_output import RunOutput, exists, shard_chunk_id, write_text
 from prefsel.sources import filesystem_for, resolve_data
+from prefsel.summary import jsonl_lines
 
 DATA_DIRS = {"generations": "multi", "multi": "multi", "pairs": "pairs"}
 
@@ -45,11 +46,8 @@ class JsonlRunOutput(RunOutput):
 
     def done_chunks(self) -> set[int]:
         sel = self.fs.get_file_info(pafs.FileSelector(posixpath.join(self.dir, self.data_dir), allow_not_found=True))
-        return {
-            int(posixpath.basename(i.path)[5:11])
-            for i in sel
-            if posixpath.basename(i.path).startswith("part-") and i.path.endswith(".jsonl")
-        }
+        ids = (shard_chunk_id(posixpath.basename(i.path), ".jsonl") for i in sel)
+        return {c for c in ids if c is not None}
 
     def write_rows(self, chunk_id: int, rows: list[dict], rejects: list[dict]) -> None:
         """Rejects first, then the data shard (a shard that exists means its chunk is complete)."""
@@ -79,14 +77,14 @@ class JsonlRunOutput(RunOutput):
 
 
 def iter_jsonl(fs: pafs.FileSystem, folder: str) -> Iterator[dict]:
+    """The records of every .jsonl file in `folder`, files in name order."""
     infos = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
     for info in sorted(infos, key=lambda i: i.path):
         if not info.path.endswith(".jsonl"):
             continue
         with fs.open_input_stream(info.path) as f:
-            for line in f.read().decode("utf-8").splitlines():
-                if line.strip():
-                    yield json.loads(line)
+            for line in jsonl_lines(f.read()):  # "\n" only: records may hold U+2028 raw
+                yield json.loads(line)
 
 
 def read_rows(uri: str) -> list[dict]:

@@ -14,6 +14,7 @@ format that `prefsel score/select` and DPO training read.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -77,6 +78,8 @@ class ToPairsConfig:
             raise ValueError(f"--strategy must be one of {STRATEGIES}")
         if self.chunk_rows < 1:
             raise ValueError("--chunk-rows must be positive")
+        if not math.isfinite(self.gamma):
+            raise ValueError(f"--gamma must be a finite number, got {self.gamma!r}")
 
 
 def run_to_pairs(cfg: ToPairsConfig) -> dict:

@@ -125,7 +125,8 @@ def print_train_summary(s: dict) -> None:
     keys = ("loss", "reward_accuracy", "margin", "eval_loss", "eval_reward_accuracy")
     print(f"prefsel train {s['task']}: {s['steps']} steps ({s.get('resumed_from_step') or 0} resumed), "
           f"{s.get('samples')} samples, rows used {s['rows_used']}/{s['rows_in']} "
-          f"(rejected {s['rows_rejected']})")
+          f"(rejected {s['rows_rejected']}; {s['rows_dropped_per_epoch']} per epoch left out: "
+          "the last partial batch)")
     tps = s.get("tokens_per_s")
     peak = ", ".join(f"{k.removeprefix('peak_').removesuffix('_gib')} {s[k]:.2f} GiB"
                      for k in ("peak_gpu_gib", "peak_rss_gib") if s.get(k) is not None)

@@ -143,6 +143,9 @@ class TrainConfig:
             (self.loss_type in DPO_LOSS_TYPES, f"--loss must be one of {DPO_LOSS_TYPES}"),
             (self.lr_scheduler in LR_SCHEDULERS, f"--lr-scheduler must be one of {LR_SCHEDULERS}"),
             (math.isfinite(self.beta) and self.beta > 0, "--beta must be > 0"),
+            (all(g is None or math.isfinite(g) for g in (self.gamma, self.gamma_start, self.gamma_end)),
+             "--gamma, --gamma-start and --gamma-end must be finite numbers"),
+            (self.seed >= 0, "--seed must be >= 0 (numpy seeds the HPS draws and the epoch order with it)"),
             (self.learning_rate > 0, "--learning-rate must be > 0"),
             (self.epochs >= 1, "--epochs must be >= 1"),
             (self.max_steps is None or self.max_steps >= 1, "--max-steps must be >= 1"),
@@ -223,6 +226,12 @@ class TrainConfig:
         if self.storage_path:
             return os.path.abspath(self.storage_path) if is_local_uri(self.storage_path) else self.storage_path
         return self.output.rstrip("/")
+
+    @property
+    def run_uri(self) -> str:
+        """Ray Train's run folder, RunConfig(storage_path, name): where the checkpoints go and
+        where Ray Train looks for one to restore."""
+        return self.resolved_storage_path.rstrip("/") + "/" + self.run_name
 
     def gamma_at(self, step: int, total_steps: int) -> float:
         """Hardness gamma for a training step (HPS). See README.md, "What each objective computes"."""

@@ -51,7 +51,7 @@ def load_rows(
     split: str = "train",
     margin_column: str | None = None,
 ) -> LoadedData:
-    """Read, validate and tokenize every row of `data` for `task` (dpo / hps / rm)."""
+    """Read, validate and tokenize every row of `data` for `task` (dpo / hps / rm / sft)."""
     plan = plan_source(data, split=split)
     sample = sample_records(plan)
     if not sample:
@@ -59,7 +59,7 @@ def load_rows(
     fmt = fmt or detect_format(sample)
     if task == "hps" and fmt != "multi":
         raise ValueError(f"prefsel train hps needs multi-response rows (prompt, responses, rewards); got {fmt}")
-    if task in ("dpo", "rm") and fmt == "multi":
+    if task in ("dpo", "rm", "sft") and fmt == "multi":  # sft would silently train on responses[0]
         raise ValueError(f"prefsel train {task} needs pairs; the data holds many responses per prompt (multi)")
     rows, rejected, rows_in = [], Counter(), 0
     for chunk in plan.chunks:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
+import posixpath
 import time
 from collections import Counter
 
@@ -56,17 +56,50 @@ def _worker_backend_torch_config():
     return WorkerBackendTorchConfig(backend=WORKER_CHOSEN_BACKEND)
 
 
+def _holds_files(uri: str) -> bool:
+    """True when the folder at `uri` (local path or s3:// / gs://) exists and holds anything."""
+    from pyarrow import fs as pafs
+
+    from prefsel.sources import filesystem_for
+
+    fs, path = filesystem_for(uri)
+    return bool(fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)))
+
+
+def _delete_folder(uri: str) -> None:
+    from prefsel.sources import filesystem_for
+
+    fs, path = filesystem_for(uri)
+    fs.delete_dir(path)
+
+
 def _prepare_output(cfg: TrainConfig) -> None:
-    if not is_local_uri(cfg.output):
+    """Refuse (or, with --overwrite, delete) what an earlier run left, unless --resume.
+
+    Two places hold a run: OUTPUT (final/, metrics, summary) and Ray Train's run folder
+    STORAGE/RUN_NAME (the checkpoints; OUTPUT/train by default). Ray Train V2 restores the latest
+    checkpoint under the run folder by itself, so a new run pointed at a used --storage-path would
+    silently continue (and export) another run's weights: both are checked, local or object
+    storage alike, before anything is deleted."""
+    if cfg.resume:
+        if is_local_uri(cfg.output):
+            os.makedirs(cfg.output, exist_ok=True)
         return
-    exists = os.path.isdir(cfg.output) and any(os.scandir(cfg.output))
-    if exists and not cfg.resume:
-        if not cfg.overwrite:
-            raise FileExistsError(
-                f"--output {cfg.output} is not empty: pass --resume to continue its run or --overwrite to replace it"
-            )
-        shutil.rmtree(cfg.output)
-    os.makedirs(cfg.output, exist_ok=True)
+    used = []
+    if _holds_files(cfg.output):
+        used.append((cfg.output, f"--output {cfg.output} is not empty: pass --resume to continue its run "
+                                 "or --overwrite to replace it"))
+    run = cfg.run_uri
+    if not run.startswith(cfg.output.rstrip("/") + "/") and _holds_files(run):  # else deleted with OUTPUT
+        used.append((run, f"the Ray Train run folder {run} (--storage-path / --run-name) already holds a run: "
+                          "pass --resume to continue it or --overwrite to delete it (or choose another "
+                          "--storage-path / --run-name)"))
+    if used and not cfg.overwrite:
+        raise FileExistsError(used[0][1])
+    for uri, _ in used:
+        _delete_folder(uri)
+    if is_local_uri(cfg.output):
+        os.makedirs(cfg.output, exist_ok=True)
 
 
 def run_train(cfg: TrainConfig) -> dict:
@@ -76,9 +109,11 @@ def run_train(cfg: TrainConfig) -> dict:
 
     from prefsel.models import load_tokenizer
     from prefsel.jobs import init_ray
+    from prefsel.run_output import SUMMARY, exists, read_json, write_text
+    from prefsel.sources import filesystem_for
     from prefsel.tokenization import PairTokenizer
     from prefsel.train.data import load_rows, precompute_reference, steps_per_epoch, to_ray_dataset
-    from prefsel.train.loop import train_loop_per_worker
+    from prefsel.train.loop import RESULT_NAME, train_loop_per_worker
 
     t0 = time.time()
     _prepare_output(cfg)
@@ -136,16 +171,19 @@ def run_train(cfg: TrainConfig) -> dict:
     )
     result = trainer.fit()
     wall = time.time() - t0
-    worker = {}
-    res_path = os.path.join(cfg.output, "train_result.json")
-    if is_local_uri(cfg.output) and os.path.exists(res_path):
-        with open(res_path) as f:
-            worker = json.load(f)
+    out_fs, out_dir = filesystem_for(cfg.output)
+    res_path = posixpath.join(out_dir, RESULT_NAME)
+    worker = read_json(out_fs, res_path) if exists(out_fs, res_path) else {}
     final_metrics = worker.get("final_metrics") or dict(result.metrics or {})
+    trained = spe * cfg.train_batch_size
     summary = {
         "task": cfg.task,
         "rows_in": train.rows_in,
-        "rows_used": len(train.rows),
+        "rows_used": len(train.rows),  # usable: rows_in = rows_used + rows_rejected
+        # each epoch trains on full global batches only: its last partial batch (a different
+        # set of rows each epoch, the order being shuffled per epoch) is left out
+        "rows_trained_per_epoch": trained,
+        "rows_dropped_per_epoch": len(train.rows) - trained,
         "rows_rejected": train.rows_rejected,
         "reject_reasons": dict(train.rejected),
         "eval_rows": len(evald.rows) if evald else 0,
@@ -167,7 +205,5 @@ def run_train(cfg: TrainConfig) -> dict:
         "final_model": worker.get("final_model", cfg.output.rstrip("/") + "/final"),
         "config": cfg.to_dict(),
     }
-    if is_local_uri(cfg.output):
-        with open(os.path.join(cfg.output, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2, default=str)
+    write_text(out_fs, posixpath.join(out_dir, SUMMARY), json.dumps(summary, indent=2, default=str))
     return summary

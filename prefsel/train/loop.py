@@ -18,7 +18,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,6 +37,7 @@ from prefsel.train.objectives import (
     STAT_KEYS,
     LogpModule,
     RewardModule,
+    chosen_tokens,
     dpo_objective,
     finish_stats,
     hps_multi_objective,
@@ -97,7 +98,20 @@ class Objective:
         layout = Layout(packing=cfg.packing, share_prompt=cfg.share_prompt)
         self.layout = layout_for([model], layout) if model is not None else layout
 
-    def __call__(self, fn, rows, *, step: int, epoch: int, train: bool):
+    def sft_tokens(self, step_rows: Sequence[dict] | None) -> float | None:
+        """SFT's divisor of one micro-batch's summed NLL in training: the global batch's
+        chosen-response tokens T over its number of micro-batches M (train batch / micro, all
+        ranks together). The engines average a step's M micro-batch losses equally (1 /
+        grad_accum each, then the mean over ranks), so the step's gradient is that of
+        -sum(log p) / T over the whole global batch. None (evaluation): each micro-batch's own."""
+        if step_rows is None:
+            return None
+        return max(chosen_tokens(step_rows), 1) / (self.cfg.train_batch_size // self.cfg.micro_train_batch_size)
+
+    def __call__(self, fn, rows, *, step: int, epoch: int, train: bool,
+                 step_rows: Sequence[dict] | None = None):
+        """The objective on the micro-batch `rows`; `step_rows`: in training, the step's whole
+        global batch (every rank's rows), which SFT normalises by."""
         c = self.cfg
         common = dict(beta=c.beta, loss_type=c.loss_type, label_smoothing=c.label_smoothing, layout=self.layout,
                       device=self.device)
@@ -105,7 +119,8 @@ class Objective:
             return rm_objective(rows, fn, self.pad, center_coef=c.center_coef,
                                 use_margin=bool(c.margin_column), layout=self.layout, device=self.device)
         if c.task == "sft":
-            return sft_objective(rows, fn, self.pad, layout=self.layout, device=self.device)
+            return sft_objective(rows, fn, self.pad, tokens=self.sft_tokens(step_rows), layout=self.layout,
+                                 device=self.device)
         if c.task == "dpo":
             return dpo_objective(rows, fn, self.ref, self.pad, **common)
         gamma = c.gamma_at(step, self.total)
@@ -158,22 +173,55 @@ def evaluate(engine, objective: Objective, rows: list[dict], cfg: TrainConfig, r
     return {f"eval_{k}": v for k, v in out.items()}
 
 
+METRICS_NAME = "metrics.jsonl"
+RESULT_NAME = "train_result.json"  # the worker's numbers, which job.py reads into summary.json
+
+
+def _upload(local: str, uri: str) -> None:
+    """Copy a local file or folder (recursively) to `uri` on object storage."""
+    from pyarrow import fs as pafs
+
+    from prefsel.sources import filesystem_for
+
+    dst_fs, dst = filesystem_for(uri)
+    pafs.copy_files(local, dst, destination_filesystem=dst_fs)
+
+
+def _download_if_exists(uri: str, local: str) -> None:
+    from pyarrow import fs as pafs
+
+    from prefsel.run_output import exists
+    from prefsel.sources import filesystem_for
+
+    src_fs, src = filesystem_for(uri)
+    if exists(src_fs, src):
+        pafs.copy_files(src, local, source_filesystem=src_fs)
+
+
 class Logger:
-    """Rank 0: console progress (tqdm), TensorBoard, wandb (optional), OUTPUT/metrics.jsonl."""
+    """Rank 0: console progress (tqdm), TensorBoard, wandb (optional), OUTPUT/metrics.jsonl.
+
+    On object storage (no appends there) metrics.jsonl and tensorboard/ are written in a local
+    staging folder, seeded with OUTPUT's metrics.jsonl so a resumed run appends to it, and
+    uploaded to OUTPUT by `sync` (after every checkpoint) and at `close`."""
 
     def __init__(self, cfg: TrainConfig, rank: int, total: int, start: int) -> None:
         self.on = rank == 0
         self.tb = self.wandb = self.bar = None
         self.jsonl = None
+        self.output, self.staging = cfg.output, None
         if not self.on:
             return
-        if is_local_uri(cfg.output):
-            os.makedirs(cfg.output, exist_ok=True)
-            self.jsonl = open(os.path.join(cfg.output, "metrics.jsonl"), "a")
-            if cfg.use_tensorboard:
-                from torch.utils.tensorboard import SummaryWriter
+        folder = cfg.output
+        if not is_local_uri(cfg.output):
+            folder = self.staging = tempfile.mkdtemp(prefix="prefsel-logs-")
+            _download_if_exists(cfg.output.rstrip("/") + "/" + METRICS_NAME, os.path.join(folder, METRICS_NAME))
+        os.makedirs(folder, exist_ok=True)
+        self.jsonl = open(os.path.join(folder, METRICS_NAME), "a")
+        if cfg.use_tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(os.path.join(cfg.output, "tensorboard"))
+            self.tb = SummaryWriter(os.path.join(folder, "tensorboard"))
         if cfg.use_wandb:
             import wandb
 
@@ -203,36 +251,67 @@ class Logger:
         if self.bar is not None:
             self.bar.update(1)
 
+    def sync(self) -> None:
+        """On object storage: upload the staged metrics.jsonl and tensorboard/ to OUTPUT."""
+        if self.staging is None:
+            return
+        if self.tb:
+            self.tb.flush()
+        _upload(self.staging, self.output)
+
     def close(self) -> None:
         if self.tb:
             self.tb.flush()
             self.tb.close()
         if self.jsonl:
             self.jsonl.close()
+        if self.staging is not None:
+            _upload(self.staging, self.output)
+            shutil.rmtree(self.staging, ignore_errors=True)
         if self.bar is not None:
             self.bar.close()
         if self.wandb:
             self.wandb.finish()
 
 
-def _save_checkpoint(engine, cfg: TrainConfig, step: int, metrics: dict, rank: int, keep: bool = True) -> None:
+def rng_state(device: torch.device) -> dict:
+    """torch's generator state: the CPU one and, on a CUDA device, that device's (dropout)."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.device(device).type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.device(device).type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _rng_file(folder: str, rank: int) -> str:
+    return os.path.join(folder, "rng", f"rank_{rank:05d}.pt")
+
+
+def _save_checkpoint(w: Worker, engine, step: int, metrics: dict, keep: bool = True) -> None:
     """ray.train.report(metrics) with this step's checkpoint; metrics only when `keep` is False
-    or in local mode (which keeps no checkpoints)."""
+    or in local mode (which keeps no checkpoints). Every rank adds its torch RNG state, so the
+    dropout masks after a restart are those of the uninterrupted run."""
     import ray.train
 
+    cfg = w.cfg
     if cfg.local_mode or not keep:
         ray.train.report(metrics)
         return
-    d = tempfile.mkdtemp(prefix=f"prefsel-ckpt-{rank}-")
+    d = tempfile.mkdtemp(prefix=f"prefsel-ckpt-{w.rank}-")
     try:
-        state_dir = os.path.join(d, "state")
-        engine.save(state_dir, {"step": step})
-        has_files = os.path.isdir(state_dir) and any(files for _, _, files in os.walk(state_dir))
-        if has_files and rank == 0:
+        engine.save(os.path.join(d, "state"), {"step": step})
+        os.makedirs(os.path.dirname(_rng_file(d, w.rank)))
+        torch.save(rng_state(w.device), _rng_file(d, w.rank))
+        if w.rank == 0:
             with open(os.path.join(d, "train_state.json"), "w") as f:
                 json.dump({"step": step, "task": cfg.task, "strategy": cfg.strategy}, f)
-        ckpt = ray.train.Checkpoint.from_directory(d) if has_files else None
-        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{step:08d}")
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
+                         checkpoint_dir_name=f"checkpoint_{step:08d}")
     finally:
         shutil.rmtree(d, ignore_errors=True)
 
@@ -300,43 +379,53 @@ def build_engine(w: Worker):
     from prefsel.train.strategy import deepspeed_config, make_engine
 
     cfg = w.cfg
-    module = build_module(cfg, w.pad_id, deepspeed_config(cfg) if cfg.strategy == "deepspeed" else None, w.device)
+    # The reference first: under ZeRO-3, build_module keeps an HfDeepSpeedConfig alive (so the
+    # policy loads straight into shards), and every from_pretrained after it loads under
+    # deepspeed.zero.Init too; a reference loaded then would be partitioned, never gathered
+    # (it is no DeepSpeed engine's module), and its forward would fail.
     ref = load_reference(cfg, w.device) if cfg.needs_reference and cfg.ref_mode == "online" else None
+    module = build_module(cfg, w.pad_id, deepspeed_config(cfg) if cfg.strategy == "deepspeed" else None, w.device)
     engine = make_engine(cfg, module, w.total_steps, w.device)
     return engine, Objective(cfg, ref, w.pad_id, w.device, w.total_steps, model=module.model)
 
 
-def restore(engine) -> int:
+def restore(w: Worker, engine) -> int:
     """The step to start at: 0, or that of Ray Train's latest checkpoint, loaded into `engine`
-    (a restart after a failure, or --resume)."""
+    with this rank's RNG state (a restart after a failure, or --resume)."""
     import ray.train
 
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
         return 0
     with ckpt.as_directory() as d:
-        return int(engine.load(os.path.join(d, "state"))["step"])
+        step = int(engine.load(os.path.join(d, "state"))["step"])
+        if os.path.exists(_rng_file(d, w.rank)):  # absent in checkpoints of older versions
+            set_rng_state(torch.load(_rng_file(d, w.rank), weights_only=False), w.device)
+    return step
 
 
 def train_one_step(w: Worker, engine, objective: Objective, rows: list[dict], order: np.ndarray,
-                   step: int, window: dict) -> float | None:
+                   step: int, window: dict) -> tuple[float | None, float]:
     """One optimizer step: this rank's micro-batches of the step's global batch (accumulated);
-    their stats are added into `window`. Returns the grad norm."""
+    their stats are added into `window`. Returns (the grad norm, the learning rate the step
+    used: read before the update, as the scheduler moves on after it)."""
     cfg = w.cfg
     epoch, k = divmod(step, w.steps_per_epoch)
-    mbs = rank_micro_batches(global_batch(order, k, cfg.train_batch_size), w.rank, w.world,
-                             cfg.micro_train_batch_size)
+    plan = global_batch(order, k, cfg.train_batch_size)
+    step_rows = [rows[j] for j in plan]
+    mbs = rank_micro_batches(plan, w.rank, w.world, cfg.micro_train_batch_size)
+    lr = engine.lr
     grad_norm = None
     for i, idx in enumerate(mbs):
         boundary = i == len(mbs) - 1
         batch = [rows[j] for j in idx]
         with engine.accumulate(boundary):
-            loss, st = objective(engine, batch, step=step, epoch=epoch, train=True)
+            loss, st = objective(engine, batch, step=step, epoch=epoch, train=True, step_rows=step_rows)
             norm = engine.backward_step(loss, boundary)
         if norm is not None:
             grad_norm = norm
         _add(window, st)
-    return grad_norm
+    return grad_norm, lr
 
 
 def train_steps(w: Worker, engine, objective: Objective, rows: list[dict], eval_rows: list[dict],
@@ -354,14 +443,14 @@ def train_steps(w: Worker, engine, objective: Objective, rows: list[dict], eval_
         epoch = step // w.steps_per_epoch
         if epoch != order_epoch:
             order, order_epoch = epoch_order(len(rows), cfg.seed, epoch), epoch
-        grad_norm = train_one_step(w, engine, objective, rows, order, step, window)
+        grad_norm, lr = train_one_step(w, engine, objective, rows, order, step, window)
         done = step + 1
         logger.advance()
         if done % cfg.logging_steps == 0 or done == w.last_step:
             agg = _allreduce_stats(window, w.device)
             tokens += agg["tokens"]
             metrics = {
-                "step": done, "epoch": done / w.steps_per_epoch, **finish_stats(agg), "lr": engine.lr,
+                "step": done, "epoch": done / w.steps_per_epoch, **finish_stats(agg), "lr": lr,
                 "grad_norm": grad_norm if grad_norm is not None else float("nan"),
                 "tokens_per_s": agg["tokens"] / max(time.time() - t_window, 1e-9),
             }
@@ -375,8 +464,8 @@ def train_steps(w: Worker, engine, objective: Objective, rows: list[dict], eval_
             logger.log(done, ev)
         at_save = bool(cfg.save_steps) and done % cfg.save_steps == 0
         if at_save or done == w.last_step:
-            _save_checkpoint(engine, cfg, done, {**metrics, "step": done}, w.rank,
-                             keep=at_save or cfg.final_checkpoint)
+            _save_checkpoint(w, engine, done, {**metrics, "step": done}, keep=at_save or cfg.final_checkpoint)
+            logger.sync()
         if on_step_end is not None:
             on_step_end(done, w.rank)
     return metrics, tokens
@@ -404,12 +493,7 @@ def save_final(w: Worker, engine) -> str | None:
     hf.save_pretrained(local, state_dict=sd, safe_serialization=True)
     load_tokenizer(cfg.tokenizer_path, trust_remote_code=cfg.trust_remote_code).save_pretrained(local)
     if local != final:
-        from pyarrow import fs as pafs
-
-        from prefsel.sources import filesystem_for
-
-        dst_fs, dst = filesystem_for(final)
-        pafs.copy_files(local, dst, destination_filesystem=dst_fs)
+        _upload(local, final)
         shutil.rmtree(local, ignore_errors=True)
     return final
 
@@ -427,17 +511,21 @@ def peak_memory(device) -> dict:
 
 
 def write_result(w: Worker, metrics: dict, start: int, wall: float, tokens: float, final: str | None) -> None:
-    """Rank 0, local OUTPUT: OUTPUT/train_result.json, which job.py reads into the run's summary
-    (with rank 0's peak memory, `peak_memory`)."""
+    """Rank 0: OUTPUT/train_result.json (local or object storage), which job.py reads into the
+    run's summary (with rank 0's peak memory, `peak_memory`)."""
+    from prefsel.run_output import write_text
+    from prefsel.sources import filesystem_for
+
     cfg = w.cfg
-    if w.rank != 0 or not is_local_uri(cfg.output):
+    if w.rank != 0:
         return
-    with open(os.path.join(cfg.output, "train_result.json"), "w") as f:
-        json.dump({"final_metrics": metrics, "steps": w.last_step, "resumed_from": start,
-                   "steps_this_run": w.last_step - start, "wall_s": wall, "tokens_this_run": tokens,
-                   "tokens_per_s": tokens / wall if wall > 0 else None,
-                   "samples": (w.last_step - start) * cfg.train_batch_size, "final_model": final,
-                   **peak_memory(w.device)}, f)
+    fs, out = filesystem_for(cfg.output)
+    write_text(fs, out.rstrip("/") + "/" + RESULT_NAME, json.dumps(
+        {"final_metrics": metrics, "steps": w.last_step, "resumed_from": start,
+         "steps_this_run": w.last_step - start, "wall_s": wall, "tokens_this_run": tokens,
+         "tokens_per_s": tokens / wall if wall > 0 else None,
+         "samples": (w.last_step - start) * cfg.train_batch_size, "final_model": final,
+         **peak_memory(w.device)}))
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -450,7 +538,7 @@ def train_loop_per_worker(config: dict) -> None:
     w = setup_worker(config)
     rows, eval_rows = read_rows(w)
     engine, objective = build_engine(w)
-    start = restore(engine)
+    start = restore(w, engine)
     logger = Logger(w.cfg, w.rank, w.last_step, start)
     t0 = time.time()
     metrics, tokens = train_steps(w, engine, objective, rows, eval_rows, start, logger,

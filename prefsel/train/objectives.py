@@ -11,7 +11,8 @@ Each objective returns (loss, stats): `loss` is the mean over the micro-batch (a
 gradient); `stats` holds SUMS (and counts) so micro-batches and ranks can be aggregated exactly:
 
     n         examples (pairs / prompts)
-    loss      sum of per-example losses
+    loss      sum of per-example losses (SFT: of per-token NLLs)
+    loss_n    what `loss` sums over: examples (SFT: response tokens); logged loss = loss / loss_n
     acc, acc_n  correct comparisons and number of comparisons (reward accuracy = acc / acc_n)
     chosen, rejected, margin   sums of chosen reward, rejected reward, chosen - rejected
     tokens    non-pad tokens forwarded through the policy
@@ -36,7 +37,7 @@ from prefsel.losses import (
     reward_accuracy,
 )
 
-STAT_KEYS = ("n", "loss", "acc", "acc_n", "chosen", "rejected", "margin", "tokens")
+STAT_KEYS = ("n", "loss", "loss_n", "acc", "acc_n", "chosen", "rejected", "margin", "tokens")
 
 
 class LogpModule(torch.nn.Module):
@@ -68,6 +69,7 @@ class RewardModule(torch.nn.Module):
 
 
 def _stats(**kw) -> dict:
+    kw.setdefault("loss_n", kw.get("n", 0.0))  # a mean over examples unless the objective says otherwise
     return {k: float(kw.get(k, 0.0)) for k in STAT_KEYS}
 
 
@@ -111,10 +113,10 @@ def pair_objective(
     ref = _ref_logps(rows, slots, ref_model, batch).to(pol.device).view(b, 2)
     tokens = batch.stats.tokens
     out = dpo_loss(
-        pol[:, 0].float(), pol[:, 1].float(), ref[:, 0].float(), ref[:, 1].float(),
+        pol[:, 0], pol[:, 1], ref[:, 0], ref[:, 1],  # float64 sums: dpo_loss subtracts them in float64
         beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
     )
-    loss = out.losses.mean()
+    loss = out.losses.mean().float()  # the loop and DeepSpeed get float32, as from every objective
     cr, rr = out.chosen_rewards, out.rejected_rewards
     stats = _stats(
         n=b, loss=out.losses.detach().sum(), acc=reward_accuracy(cr, rr) * b, acc_n=b,
@@ -173,9 +175,9 @@ def hps_multi_objective(
     tokens = batch.stats.tokens
     b = len(rows)
     dev = pol.device
-    pol_m = torch.zeros(b, width, dtype=torch.float32, device=dev)
-    ref_m = torch.zeros(b, width, dtype=torch.float32, device=dev)
-    rm_m = torch.zeros(b, width, dtype=torch.float32, device=dev)
+    pol_m = torch.zeros(b, width, dtype=torch.float64, device=dev)
+    ref_m = torch.zeros(b, width, dtype=torch.float64, device=dev)
+    rm_m = torch.zeros(b, width, dtype=torch.float64, device=dev)
     mask = torch.zeros(b, width, dtype=torch.bool, device=dev)
     rows_idx, cols_idx = [], []
     for i, s in enumerate(slots):
@@ -185,8 +187,8 @@ def hps_multi_objective(
             rm_m[i, k] = float(rows[i]["rewards"][j])
     ri = torch.tensor(rows_idx, device=dev)
     ci = torch.tensor(cols_idx, device=dev)
-    pol_m = pol_m.index_put((ri, ci), pol.float())
-    ref_m = ref_m.index_put((ri, ci), ref.float())
+    pol_m = pol_m.index_put((ri, ci), pol.double())  # log-ratios of long sums in float64, as dpo_loss
+    ref_m = ref_m.index_put((ri, ci), ref.double())
     mask[ri, ci] = True
     losses = hps_multi_negative_loss(
         pol_m, ref_m, rm_m, torch.zeros(b, dtype=torch.long, device=dev), beta=beta, gamma=gamma,
@@ -206,7 +208,7 @@ def hps_multi_objective(
         n=b, loss=losses.detach().sum(), acc=correct, acc_n=n_neg.sum(), chosen=r_w.sum(),
         rejected=rej_mean.sum(), margin=(r_w - rej_mean).sum(), tokens=tokens,
     )
-    return losses.mean(), stats
+    return losses.mean().float(), stats
 
 
 def rm_objective(rows, reward_fn: Callable, pad_id: int, *, center_coef: float = 0.0,
@@ -228,20 +230,30 @@ def rm_objective(rows, reward_fn: Callable, pad_id: int, *, center_coef: float =
     return losses.mean(), stats
 
 
-def sft_objective(rows, policy: Callable, pad_id: int, *, layout: Layout = Layout(), device=None):
+def chosen_tokens(rows: Sequence[dict]) -> int:
+    """The response tokens the SFT loss averages over: those of each row's chosen response."""
+    return sum(len(r["response_ids"][0]) for r in rows)
+
+
+def sft_objective(rows, policy: Callable, pad_id: int, *, tokens: float | None = None,
+                  layout: Layout = Layout(), device=None):
     """Supervised fine-tuning on the chosen response (response_ids[0]) of each row.
 
-    loss = -(sum of chosen-response token log-probs) / (number of chosen-response tokens), over
-    the micro-batch (token-weighted mean NLL). Per-example stats: `loss` sums each row's own
-    mean NLL per token; `chosen` sums each row's mean log-prob per token; acc/acc_n stay 0.
+    loss = -(sum of the chosen-response token log-probs of `rows`) / tokens. `tokens` defaults
+    to the micro-batch's own chosen-response tokens (its token-weighted mean NLL); the trainer
+    passes its step's share instead (loop.Objective.sft_tokens), so that a step trains on the
+    token-weighted mean NLL of its whole global batch whatever the micro-batch size and the
+    number of workers. Stats: `loss` sums the token NLLs over `loss_n` tokens (the logged loss
+    is the token-weighted mean); `chosen` sums each row's mean log-prob per token; acc/acc_n stay 0.
     """
     b = len(rows)
     batch = _batch(rows, [[0]] * b, pad_id, layout, device)
     logp = batch.in_order(policy(batch))  # [B] summed response log-probs
+    own = chosen_tokens(rows)
+    loss = -(logp.sum() / (max(own, 1) if tokens is None else tokens))
     ntok = torch.tensor([len(r["response_ids"][0]) for r in rows], dtype=logp.dtype, device=logp.device).clamp(min=1)
-    loss = -(logp.sum() / ntok.sum())
     per_tok = (logp.detach() / ntok).float()
-    stats = _stats(n=b, loss=(-per_tok).sum(), acc=0.0, acc_n=0.0, chosen=per_tok.sum(),
+    stats = _stats(n=b, loss=-logp.detach().sum(), loss_n=own, acc=0.0, acc_n=0.0, chosen=per_tok.sum(),
                    tokens=batch.stats.tokens)
     return loss.float(), stats
 
@@ -250,7 +262,7 @@ def finish_stats(total: dict) -> dict:
     """Sums -> the logged means."""
     n = max(total.get("n", 0.0), 1.0)
     return {
-        "loss": total["loss"] / n,
+        "loss": total["loss"] / max(total["loss_n"], 1.0),
         "reward_accuracy": total["acc"] / max(total["acc_n"], 1.0),
         "chosen_reward": total["chosen"] / n,
         "rejected_reward": total["rejected"] / n,

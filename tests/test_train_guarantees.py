@@ -1,0 +1,233 @@
+"""What a training run guarantees beyond its loss curve: a used storage folder is never resumed
+by a new run, ZeRO-3 works with an online reference, the SFT loss is a token-weighted mean over
+the global batch, the logged learning rate is the step's, the RNG state travels in checkpoints,
+and an s3:// OUTPUT gets its files (CPU, tiny models)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from test_object_storage import BUCKET, _get, _keys, _put, s3  # noqa: F401  (s3: the moto fixture)
+from test_train import _args, _curve, _run, _write, toy, toy_multi, toy_pairs  # noqa: F401  (toy: a fixture)
+
+FAST = ("--strategy", "ddp", "--num-workers", "1", "--train-batch-size", "8", "--micro-train-batch-size", "4",
+        "--learning-rate", "3e-3", "--lr-warmup-ratio", "0", "--no-tensorboard")
+
+
+# ---- the worker's step, without Ray ----------------------------------------------------------------
+
+
+def _sft_rows() -> list[dict]:
+    """Four rows whose chosen responses are 2, 3, 21 and 41 tokens long."""
+    return [{"row_id": i, "prompt_ids": [1, 5, 6], "response_ids": [list(range(10, 10 + n)) + [2], [7, 2]],
+             "rewards": [], "margin": 0.0} for i, n in enumerate([1, 2, 20, 40])]
+
+
+def _tiny_lm():
+    from prefsel.tiny import build_tiny_llama
+
+    return build_tiny_llama(64, hidden_size=16, intermediate_size=32, seed=0, bos_token_id=1, eos_token_id=2,
+                            pad_token_id=0)
+
+
+def _worker(rows: list[dict], micro: int, world: int, rank: int, total: int = 1, **kw):
+    """Rank `rank` of `world` with a real DDPEngine on an SFT run (no process group: the mean
+    over ranks is left to the caller); the optimizer's update is replaced by recording the
+    gradients it is handed. Returns (worker, engine, objective, recorded gradients)."""
+    from prefsel.train.config import TrainConfig
+    from prefsel.train.loop import Objective, Worker
+    from prefsel.train.objectives import LogpModule
+    from prefsel.train.strategy import DDPEngine
+
+    cfg = TrainConfig("sft", "m", "d", "/tmp/unused", strategy="ddp", train_batch_size=len(rows),
+                      micro_train_batch_size=micro, num_workers=world, max_norm=0.0, **kw)
+    torch.manual_seed(0)
+    module = LogpModule(_tiny_lm())
+    engine = DDPEngine(cfg, module, total, torch.device("cpu"))
+    seen: list[torch.Tensor] = []
+    engine.optimizer.step = lambda: seen.append(
+        torch.cat([p.grad.flatten() for p in module.parameters() if p.grad is not None]).clone())
+    w = Worker(cfg=cfg, rank=rank, world=world, device=torch.device("cpu"), pad_id=0, steps_per_epoch=1,
+               total_steps=total, last_step=total, has_eval=False)
+    return w, engine, Objective(cfg, None, 0, torch.device("cpu"), total, model=module.model), seen
+
+
+def test_sft_step_is_the_token_weighted_mean_over_the_global_batch_whatever_micro_and_workers():
+    """README: the SFT loss is -(sum of response log-probs) / (response tokens) over the batch.
+    The step's gradient and its logged loss are that over the whole global batch for micro 1, 2, 4
+    and 1 or 2 workers (DDP's mean over ranks taken here), not a mean of per-micro-batch means."""
+    from prefsel.packing import Layout, one_batch
+    from prefsel.train.loop import _zero_stats, train_one_step
+    from prefsel.train.objectives import LogpModule, finish_stats
+
+    rows = _sft_rows()
+    torch.manual_seed(0)
+    module = LogpModule(_tiny_lm())
+    batch = one_batch([(r["prompt_ids"], [r["response_ids"][0]]) for r in rows], 0, Layout(), None)
+    want_loss = -module(batch).sum() / sum(len(r["response_ids"][0]) for r in rows)  # one forward, 65 tokens
+    want_loss.backward()
+    want = torch.cat([p.grad.flatten() for p in module.parameters() if p.grad is not None])
+    for micro, world in ((4, 1), (1, 1), (2, 1), (2, 2), (1, 2)):
+        grads, window = [], _zero_stats()
+        for rank in range(world):
+            w, engine, objective, seen = _worker(rows, micro, world, rank)
+            train_one_step(w, engine, objective, rows, np.arange(len(rows)), 0, window)
+            grads += seen
+        grad = sum(grads) / world
+        rel = ((grad - want).norm() / want.norm()).item()
+        print(f"micro {micro} x {world} workers: relative gradient error {rel:.2e}")
+        assert rel < 1e-5, (micro, world, rel)
+        assert finish_stats(window)["loss"] == pytest.approx(want_loss.item(), rel=1e-6)
+
+
+def test_logged_lr_is_the_rate_the_step_used():
+    """Step s (from 0) is taken at lr x lr_lambda(s); the scheduler moves on after the update,
+    so the rate read after it is step s+1's."""
+    from prefsel.train.loop import _zero_stats, train_one_step
+    from prefsel.train.strategy import lr_lambda
+
+    rows = _sft_rows()
+    w, engine, objective, _ = _worker(rows, 4, 1, 0, total=8, lr_warmup_ratio=0.25, learning_rate=1e-3)
+    f = lr_lambda(w.cfg, 8)
+    got = [train_one_step(w, engine, objective, rows, np.arange(len(rows)), s, _zero_stats())[1] for s in range(8)]
+    assert got == pytest.approx([1e-3 * f(s) for s in range(8)], rel=1e-12)
+    assert got[0] < got[1] < got[2] > got[7]  # warmup, then decay: the schedule is really moving
+
+
+def test_sft_refuses_multi_response_data(toy, tmp_path):
+    """Auto-detected multi-response data is refused (as by dpo and rm), not trained on responses[0]."""
+    from prefsel.models import load_tokenizer
+    from prefsel.tokenization import PairTokenizer
+    from prefsel.train.data import load_rows
+
+    data = _write(tmp_path / "multi.jsonl", toy_multi(8, 1))
+    with pytest.raises(ValueError, match="prefsel train sft needs pairs; the data holds many responses"):
+        load_rows(data, "sft", PairTokenizer(load_tokenizer(toy["model"]), "none"))
+
+
+# ---- Ray Train runs (DDP or ZeRO-3, one worker, a few steps) -------------------------------------------
+
+
+def _metrics(out) -> dict:
+    """step -> that step's training record in OUTPUT/metrics.jsonl."""
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return {r["step"]: r for r in map(json.loads, f) if "loss" in r}
+
+
+def test_a_new_run_refuses_a_used_storage_folder_and_overwrite_starts_afresh(ray_local, toy, tmp_path):
+    """Ray Train V2 restores any checkpoint under STORAGE/RUN_NAME by itself: a second run with
+    another OUTPUT, data and seed at the same --storage-path used to continue the first one's
+    checkpoint and export its weights as its own final/."""
+    store = tmp_path / "store"
+    data_a = _write(tmp_path / "a.jsonl", toy_pairs(30, 10))
+    data_b = _write(tmp_path / "b.jsonl", toy_pairs(30, 20))
+    a = _run([*_args("dpo", toy, tmp_path / "a", "--data", data_a), *FAST, "--storage-path", str(store),
+              "--max-steps", "2"])
+    assert a["resumed_from_step"] == 0 and (store / "train" / "checkpoint_00000002").is_dir()
+    # the summary counts what was trained: 3 full batches of 8 per epoch, 6 of the 30 rows left out
+    assert (a["rows_used"], a["rows_trained_per_epoch"], a["rows_dropped_per_epoch"]) == (30, 24, 6)
+    assert _metrics(tmp_path / "a")[1]["lr"] == 3e-3  # step 1's rate (warmup 0: the peak), not step 2's
+    b = [*_args("dpo", toy, tmp_path / "b", "--data", data_b), *FAST, "--storage-path", str(store),
+         "--max-steps", "2", "--seed", "7"]
+    with pytest.raises(FileExistsError, match=f"run folder {store}/train .*--resume.*--overwrite"):
+        _run(b)
+    assert (store / "train" / "checkpoint_00000002").is_dir() and not (tmp_path / "b").exists()  # nothing touched
+    s = _run([*b, "--overwrite"])
+    assert s["resumed_from_step"] == 0 and s["steps"] == 2
+    from safetensors.torch import load_file
+
+    wa, wb = (load_file(tmp_path / x / "final" / "model.safetensors") for x in ("a", "b"))
+    assert any(not torch.equal(wa[k], wb[k]) for k in wa)  # B's own weights, not A's
+
+
+def test_zero3_with_an_online_reference_trains(ray_local, toy, tmp_path):
+    """ZeRO-3 loads the policy into shards (HfDeepSpeedConfig); the frozen online reference must
+    not be partitioned with it. At step 1 the policy is the reference: every margin is 0."""
+    out = tmp_path / "z3"
+    _run([*_args("dpo", toy, out, "--data", _write(tmp_path / "p.jsonl", toy_pairs(16, 10))),
+          "--num-workers", "1", "--zero-stage", "3", "--ref-mode", "online", "--train-batch-size", "8",
+          "--micro-train-batch-size", "4", "--learning-rate", "3e-3", "--lr-warmup-ratio", "0",
+          "--max-steps", "2", "--no-tensorboard", "--no-final-checkpoint"])
+    m = _metrics(out)
+    print("ZeRO-3 online:", {s: (r["loss"], r["margin"]) for s, r in m.items()})
+    assert m[1]["loss"] == pytest.approx(math.log(2), abs=1e-6) and m[1]["margin"] == pytest.approx(0, abs=1e-6)
+    assert m[2]["loss"] < math.log(2) and m[2]["margin"] > 0  # it learns against the fixed reference
+
+
+@pytest.fixture(scope="module")
+def dropout_model(toy, tmp_path_factory):
+    """The toy policy with attention dropout 0.3 (so a training forward draws from torch's RNG)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    d = tmp_path_factory.mktemp("dropout") / "sft"
+    model = AutoModelForCausalLM.from_pretrained(toy["model"], attention_dropout=0.3)
+    model.save_pretrained(d)
+    AutoTokenizer.from_pretrained(toy["model"]).save_pretrained(d)
+    return str(d)
+
+
+def test_resume_restores_the_rng_so_dropout_continues_as_uninterrupted(ray_local, toy, dropout_model, tmp_path):
+    data = _write(tmp_path / "p.jsonl", toy_pairs(32, 10))
+
+    def argv(out, steps):
+        return [*_args("dpo", {**toy, "model": dropout_model}, tmp_path / out, "--data", data), *FAST,
+                "--max-steps", str(steps)]
+
+    _run(argv("straight", 3))
+    _run(argv("resumed", 2))
+    s = _run([*argv("resumed", 3), "--resume"])
+    assert s["resumed_from_step"] == 2
+    a, b = _curve(tmp_path / "straight"), _curve(tmp_path / "resumed")
+    print("dropout, uninterrupted vs resumed at 2:", [(k, a[k], b[k]) for k in sorted(a)])
+    assert a[1] == b[1] and a[2] == b[2]
+    assert b[3] == pytest.approx(a[3], rel=1e-6)  # step 3's dropout masks are the uninterrupted run's
+
+
+# ---- object storage (the moto server of tests/test_object_storage.py) ---------------------------------
+
+
+def test_used_s3_output_or_storage_is_refused_or_replaced(s3, tmp_path):
+    from prefsel.train.config import TrainConfig
+    from prefsel.train.job import _prepare_output
+
+    client, _ = s3
+    out = f"s3://{BUCKET}/used/out"
+    _put(client, "used/out/final/config.json", "{}")
+    with pytest.raises(FileExistsError, match=f"--output {out} is not empty: pass --resume .* or --overwrite"):
+        _prepare_output(TrainConfig("dpo", "m", "d", out))
+    _prepare_output(TrainConfig("dpo", "m", "d", out, resume=True))
+    assert _keys(client, "used/out/") == ["used/out/final/config.json"]
+    _prepare_output(TrainConfig("dpo", "m", "d", out, overwrite=True))
+    assert _keys(client, "used/out/") == []  # (pyarrow leaves a marker for the parent, used/)
+
+    store = f"s3://{BUCKET}/used/store"
+    _put(client, "used/store/run1/checkpoint_00000002/train_state.json", "{}")
+    local = str(tmp_path / "out")
+    with pytest.raises(FileExistsError, match=f"run folder {store}/run1 .*--resume .*--overwrite"):
+        _prepare_output(TrainConfig("dpo", "m", "d", local, storage_path=store, run_name="run1"))
+    _prepare_output(TrainConfig("dpo", "m", "d", local, storage_path=store, run_name="run2"))  # another run name
+    _prepare_output(TrainConfig("dpo", "m", "d", local, storage_path=store, run_name="run1", resume=True))
+    assert _keys(client, "used/store/") == ["used/store/run1/checkpoint_00000002/train_state.json"]
+    _prepare_output(TrainConfig("dpo", "m", "d", local, storage_path=store, run_name="run1", overwrite=True))
+    assert _keys(client, "used/store/run1/") == []  # (pyarrow leaves a marker for the parent, used/store/)
+
+
+def test_s3_output_gets_summary_metrics_and_tensorboard(s3, toy, tmp_path):
+    client, _ = s3
+    out = f"s3://{BUCKET}/trained/dpo"
+    s = _run([*_args("dpo", toy, out, "--data", _write(tmp_path / "p.jsonl", toy_pairs(16, 10))),
+              *FAST[:-1], "--max-steps", "2"])
+    keys = _keys(client, "trained/dpo/")
+    summary = json.loads(_get(client, "trained/dpo/summary.json"))
+    assert summary["steps"] == s["steps"] == 2 and summary["samples"] == 16  # the worker's numbers, via S3
+    lines = [json.loads(x) for x in _get(client, "trained/dpo/metrics.jsonl").decode().splitlines()]
+    assert [r["step"] for r in lines if "loss" in r] == [1, 2]
+    assert any(k.startswith("trained/dpo/tensorboard/events.out.tfevents") for k in keys), keys
+    assert "trained/dpo/final/config.json" in keys and "trained/dpo/train_result.json" in keys
+    assert not [k for k in keys if ".tmp-" in k]
