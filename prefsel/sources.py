@@ -63,6 +63,8 @@ class RawRow:
 # and the tokenizer at some depth that depends on the stack, so the limit is fixed and low
 # (chat messages with tool calls nest about 6 levels).
 MAX_JSON_DEPTH = 100
+# the reject reason of a row too deep for the decoder itself, a JSON line or an array element
+TOO_DEEP_ROW = f"row: JSON nested too deeply (more than {MAX_JSON_DEPTH} levels)"
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 _JSON_TYPE = {list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
 
@@ -649,7 +651,7 @@ def _read_json_elements(text: str, chunk: Chunk) -> list[RawRow]:
         except RecursionError:
             end = _value_end(text, i, chunk.path)
             rows.append(RawRow(rid, None, raw=text[i:end],
-                               error=f"row: JSON nested too deeply (more than {MAX_JSON_DEPTH} levels)"))
+                               error=TOO_DEEP_ROW))
         i = _skip_ws(text, end)
         if text.startswith(",", i):
             i = _skip_ws(text, i + 1)
@@ -692,7 +694,7 @@ def _parse_line(rid: int, line: bytes, bom: bool = False) -> RawRow:
     try:
         obj = json.loads(text)
     except RecursionError:
-        return RawRow(rid, None, raw=text, error=f"row: JSON nested too deeply (more than {MAX_JSON_DEPTH} levels)")
+        return RawRow(rid, None, raw=text, error=TOO_DEEP_ROW)
     except ValueError as e:  # JSONDecodeError, or an integer of more than 4300 digits
         return RawRow(rid, None, raw=text, error=f"row: invalid JSON: {e}")
     if not isinstance(obj, dict):
