@@ -93,8 +93,9 @@ def local_ray_loopback():
 
 # Files of a model folder that decide its outputs: config and weights, and every tokenizer
 # file format (tokenizer.json, SentencePiece .model, BPE merges.txt / WordPiece vocab.txt,
-# tiktoken vocabularies, chat_template.jinja).
-MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".bin", ".model", ".jinja", ".txt", ".tiktoken")
+# tiktoken vocabularies, chat_template.jinja), and the modeling / tokenization .py files that
+# --trust-remote-code runs.
+MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".bin", ".model", ".jinja", ".txt", ".tiktoken", ".py")
 
 
 def model_stamp(path: str) -> str:

@@ -90,9 +90,10 @@ def test_chat_template_file_is_stamped_by_content(tiny_models, tmp_path):
     assert fingerprint(cfg, [str(data)], "pairs") != before
 
 
-@pytest.mark.parametrize("name", ["merges.txt", "vocab.txt", "qwen.tiktoken"])
+@pytest.mark.parametrize("name", ["merges.txt", "vocab.txt", "qwen.tiktoken", "modeling_custom.py"])
 def test_model_stamp_covers_every_tokenizer_file(tmp_path, name):
-    """BPE merges, WordPiece vocabularies and tiktoken files decide the token ids too."""
+    """BPE merges, WordPiece vocabularies and tiktoken files decide the token ids too, and the
+    remote code that --trust-remote-code runs decides the forward."""
     from prefsel.jobs import model_stamp
 
     (tmp_path / "config.json").write_text("{}")

@@ -278,6 +278,9 @@ def test_config_defaults_and_validation():
         TrainConfig("dpo", "m", "d", "/o", train_batch_size=5, num_workers=2)
     with pytest.raises(ValueError, match="zero-stage 3"):
         TrainConfig("dpo", "m", "d", "/o", offload_param=True)
+    with pytest.raises(ValueError, match="--bf16 with --strategy deepspeed needs --zero-stage 1, 2 or 3"):
+        TrainConfig("dpo", "m", "d", "/o", bf16=True, zero_stage=0)  # DeepSpeed refuses bf16 + fp32 accumulation there
+    TrainConfig("dpo", "m", "d", "/o", bf16=True, zero_stage=0, strategy="ddp")  # DDP ignores the stage
     with pytest.raises(ValueError, match="--local-mode runs without a process group"):
         TrainConfig("dpo", "m", "d", "/o", local_mode=True)  # default strategy deepspeed
     with pytest.raises(ValueError, match="--num-workers must be 1"):
@@ -411,6 +414,21 @@ def test_zero_and_ddp_give_the_same_loss_curve(dpo_zero2, toy, strategy):
     assert sorted(b) == [1, 2, 3, 4]
     for s in b:
         assert b[s] == pytest.approx(a[s], rel=2e-3, abs=1e-4)
+
+
+def test_ddp_bf16_autocast_trains_on_the_curve(dpo_zero2, toy):
+    """DDP with --bf16 runs its forward under bf16 autocast (the inputs are TokenBatches: the
+    autocast device is the module's): the curve moves by bf16 rounding, no more."""
+    ref_out, _ = dpo_zero2
+    out = toy["dir"] / "cmp_ddp_bf16"
+    _run(_args("dpo", toy, out, "--data", toy["pairs"], "--strategy", "ddp", "--local-mode", "--num-workers", "1",
+               "--bf16", *DPO_FLAGS, "--max-steps", "4", "--no-tensorboard"))
+    a, b = _curve(ref_out), _curve(out)
+    print("loss curves zero2 fp32 vs ddp bf16:", [(s, a[s], b[s]) for s in sorted(b)])
+    assert sorted(b) == [1, 2, 3, 4]
+    assert any(b[s] != a[s] for s in b)  # autocast was on: bf16 matmuls round
+    for s in b:
+        assert b[s] == pytest.approx(a[s], rel=3e-2, abs=1e-3)
 
 
 def _fail_once_after_step(monkeypatch, at_step: int, marker: str) -> None:

@@ -163,6 +163,11 @@ class TrainConfig:
             (self.center_coef >= 0, "--center-coef must be >= 0"),
             (self.lora_rank >= 0, "--lora-rank must be >= 0"),
             (not (self.offload_param and self.zero_stage != 3), "--offload-param needs --zero-stage 3"),
+            # DeepSpeed without ZeRO keeps bf16 weights and accumulates in bf16 (no float32 master
+            # copy), and refuses the float32 accumulation the other stages get
+            (not (self.bf16 and self.strategy == "deepspeed" and self.zero_stage == 0),
+             "--bf16 with --strategy deepspeed needs --zero-stage 1, 2 or 3 (stage 0 keeps no float32 "
+             "master weights); for bf16 autocast without ZeRO use --strategy ddp"),
             (not self.local_mode or self.num_workers == 1, "--local-mode runs one process: --num-workers must be 1"),
             (not self.local_mode or self.strategy == "ddp", "--local-mode runs without a process group: use --strategy ddp"),
             (not (self.local_mode and self.resume), "--local-mode keeps no checkpoints: --resume is not possible"),

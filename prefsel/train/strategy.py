@@ -243,9 +243,10 @@ class DDPEngine(_EngineBase):
         self.optimizer = make_optimizer(cfg, self.params, device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, total_steps))
         self.autocast = cfg.bf16
+        self.device = device  # the inputs are TokenBatches, not tensors: autocast on the module's device
 
     def __call__(self, *args):
-        ctx = torch.autocast(args[0].device.type, dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
+        ctx = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
         with ctx:
             return self.wrapped(*args)
 
