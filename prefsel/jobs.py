@@ -179,7 +179,16 @@ class JobConfig:
     model_field = "model"
 
     def __post_init__(self) -> None:
-        require((self.chunk_rows >= 1, "chunk_rows: must be positive"))
+        from prefsel.models import DTYPES
+
+        # checked here, in the driver: a bad value found in the actors kills the run after Ray has
+        # started and leaves an unfinished output that the corrected rerun's fingerprint refuses
+        require((self.chunk_rows >= 1, "chunk_rows: must be positive"),
+                (self.dtype in DTYPES, f"dtype: must be one of {', '.join(DTYPES)}, got {self.dtype!r}"),
+                (self.chat_template in ("auto", "none") or Path(self.chat_template).is_file(),
+                 f"chat_template: expected auto, none or a template file, got {self.chat_template!r}"))
+        if self.chat_template not in ("auto", "none"):
+            self.chat_template = os.path.abspath(self.chat_template)  # read tasks run elsewhere
 
     @property
     def tokenizer_path(self) -> str:
@@ -284,6 +293,13 @@ class ActorResources:
                 (self.gpus_per_actor >= 0, "gpus_per_actor: must be >= 0"),
                 (self.cpus_per_actor >= 0, "cpus_per_actor: must be >= 0"),
                 (self.rows_per_actor_call >= 1, "rows_per_actor_call: must be positive"))
+
+
+def check_attn(attn: str, resources: ActorResources) -> None:
+    """Refuse a bad --attn in the driver; flex_attention also when the actors hold no GPU."""
+    from prefsel.packing import resolve_attn
+
+    resolve_attn(attn, "cpu" if resources.gpus_per_actor == 0 else None)
 
 
 class ModelActor:

@@ -22,8 +22,10 @@ AWS_ENDPOINT_URL or AWS_ENDPOINT_URL_S3 for an S3-compatible store such as MinIO
 from __future__ import annotations
 
 import json
+import os
 import posixpath
 import uuid
+from collections.abc import Iterable
 from typing import Any
 
 import pyarrow as pa
@@ -52,6 +54,26 @@ def read_json(fs: pafs.FileSystem, path: str) -> Any:
 
 def exists(fs: pafs.FileSystem, path: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def _location(path: str) -> str:
+    """A path compared by location: URIs as written (no trailing /), local paths resolved."""
+    return path.rstrip("/") if "://" in path else os.path.realpath(path)
+
+
+def refuse_overlap(output: str, inputs: Iterable[tuple[str, str | None]]) -> None:
+    """Refuse an output that is, holds or lies inside one of its inputs (flag, path), a model
+    or the data: --overwrite deletes the old output before the inputs are read (in place, the
+    input is gone), and an output inside an input folder is read as input by the next run."""
+    out = _location(output)
+    for flag, path in inputs:
+        if not path or ("://" not in path and not os.path.exists(path)):
+            continue  # a hub name (or an absent file, refused by its reader)
+        where = _location(path)
+        if out == where or where.startswith(out + "/") or out.startswith(where + "/"):
+            raise ValueError(f"--output {output} and {flag} {path} overlap (the same folder, or one inside the "
+                             "other): an output is replaced and written while its inputs are read; choose an "
+                             "--output apart from the inputs")
 
 
 def fingerprint_diff(old: dict, new: dict) -> str:
@@ -96,7 +118,9 @@ class RunOutput:
         kind: str,
         overwrite: bool = False,
         subdirs: tuple[str, ...] = ("scores", "rejects"),
+        inputs: Iterable[tuple[str, str | None]] = (),
     ) -> None:
+        refuse_overlap(output, inputs)  # before anything is deleted
         self.uri = output.rstrip("/")
         self.fs, self.final = filesystem_for(self.uri)
         self.local = isinstance(self.fs, pafs.LocalFileSystem)  # rename is atomic only there

@@ -15,7 +15,8 @@ import pyarrow as pa
 
 from prefsel.checks import require
 from prefsel.formats import FORMATS, detect_format
-from prefsel.jobs import ActorResources, JobConfig, ModelActor, TokenizerSpec, job_fingerprint, original_record, run_chunks
+from prefsel.jobs import (ActorResources, JobConfig, ModelActor, TokenizerSpec, check_attn, job_fingerprint,
+                          original_record, run_chunks)
 from prefsel.prepare import infer_schema, prepare_rows, record_schema
 from prefsel.run_output import RunOutput
 from prefsel.scoring import SCORE_COLUMNS, ScoreConfig
@@ -66,7 +67,9 @@ class ScoreJobConfig(JobConfig):
             setattr(self, name, absolute_local(getattr(self, name)))
         require((self.format is None or self.format in FORMATS, f"format: must be one of {FORMATS}"),
                 (self.format != "multi", "format: multi holds many responses per prompt; gap scoring needs pairs"),
-                (self.truncation in TRUNCATION_MODES, f"truncation: must be one of {TRUNCATION_MODES}"))
+                (self.truncation in TRUNCATION_MODES, f"truncation: must be one of {TRUNCATION_MODES}"),
+                (self.max_length is None or self.max_length >= 2, "max_length: must be at least 2"))
+        check_attn(self.attn_implementation, self.resources)
 
     @property
     def tokenizer_spec(self) -> TokenizerSpec:
@@ -186,7 +189,9 @@ def run_score(cfg: ScoreJobConfig) -> dict:
     if cfg.max_length is None:  # too long for the models is a reject, not a silent score
         cfg = replace(cfg, max_length=model_context_length(tok, [cfg.policy, cfg.reference],
                                                            trust_remote_code=cfg.trust_remote_code))
-    out = RunOutput(cfg.output, fingerprint(cfg, plan.files, fmt), kind="scores", overwrite=cfg.overwrite)
+    out = RunOutput(cfg.output, fingerprint(cfg, plan.files, fmt), kind="scores", overwrite=cfg.overwrite,
+                    inputs=[("--policy", cfg.policy), ("--reference", cfg.reference), ("--tokenizer", cfg.tokenizer),
+                            *(("--data", f) for f in (cfg.data, *plan.files))])
     done = out.done_chunks()
     todo = [c for c in plan.chunks if c.chunk_id not in done]
     prepare = PreparePairs(fmt, cfg.tokenizer_spec, schema.serialize().to_pybytes())

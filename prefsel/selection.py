@@ -209,11 +209,19 @@ def _scores_dataset(uri: str) -> tuple[pads.Dataset, dict]:
 
 
 def _restore_records(table: pa.Table) -> list[dict]:
-    """Rows as the input had them: original fields, _extra unfolded, then row_id and gap."""
+    """Rows as the input had them: original fields, _extra unfolded, then row_id and gap. An
+    input's own different `row_id` or `gap` (a prompt id from `prefsel generate`, an earlier
+    run's gap) is kept as `input_row_id` / `input_gap` (input_input_... if that is taken too)."""
     rows = []
     for r in table.to_pylist():
         out = restore_record(r)
-        out["row_id"], out["gap"] = r["row_id"], json_gap(r["gap"])
+        for name, value in (("row_id", r["row_id"]), ("gap", json_gap(r["gap"]))):
+            if name in out and out[name] != value:
+                kept = f"input_{name}"
+                while kept in out:
+                    kept = f"input_{kept}"
+                out[kept] = out.pop(name)
+            out[name] = value
         rows.append(out)
     return rows
 
@@ -323,7 +331,8 @@ def run_select(cfg: SelectConfig) -> dict:
     fingerprint = {"scores": cfg.scores, "strategy": cfg.strategy, "ratio": cfg.ratio, "top_k": cfg.top_k,
                    "seed": cfg.seed, "gap_range": list(cfg.gap_range) if cfg.gap_range else None,
                    "band": list(cfg.band) if cfg.band else None, "min_gap": cfg.min_gap, "max_gap": cfg.max_gap}
-    out = RunOutput(cfg.output, fingerprint, kind="selection", overwrite=cfg.overwrite, subdirs=())
+    out = RunOutput(cfg.output, fingerprint, kind="selection", overwrite=cfg.overwrite, subdirs=(),
+                    inputs=[("--scores", cfg.scores)])
     table = ds.to_table(filter=pc.field("row_id").isin(pa.array(chosen_ids, pa.int64())))
     pos = {int(r): i for i, r in enumerate(chosen_ids)}
     table = table.take(pa.array(np.argsort([pos[int(r)] for r in table["row_id"].to_pylist()], kind="stable")))

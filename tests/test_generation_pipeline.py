@@ -145,3 +145,37 @@ def test_vllm_backend_wiring_with_a_fake_engine(run_dirs, monkeypatch):
     assert rows[0]["response_tokens"] == [2, 2, 2] and rows[0]["finished"] == [True] * 3
     reasons = {r["row_id"]: r["reason"] for r in read_rejects(str(tmp / "genv"))}
     assert reasons[4] == "generation error: boom (1 of 3 samples failed)" and set(reasons) == {2, 3, 4, 5}
+
+
+def test_annotate_rescores_stale_rewards_and_truncates_on_request(run_dirs):
+    """An old `rewards` that no longer lines up with the responses is replaced, not a reject;
+    --truncation prompt-left keeps an over-long prompt's end (the reject names that flag)."""
+    from prefsel.generation.rewards import load_reward_model, score_groups
+    from prefsel.models import load_tokenizer
+    from prefsel.packing import Layout
+    from prefsel.tokenization import PairTokenizer
+
+    tmp = run_dirs["tmp"]
+    rows = [{"prompt": "Name a color.", "responses": [" red", " blue", " a long green"], "rewards": [1.0, 2.0]},
+            {"prompt": "word " * 60, "responses": [" yes", " no"]}]
+    data = write_jsonl(tmp / "stale.jsonl", rows)
+    base = ["annotate", "--data", str(data), "--reward-model", run_dirs["rm"], "--max-length", "24"]
+    assert main([*base, "--output", str(tmp / "stale_reject")]) == 0
+    reasons = [r["reason"] for r in read_rejects(str(tmp / "stale_reject"))]
+    assert len(reasons) == 1 and "--truncation prompt-left keeps its end" in reasons[0]  # the long prompt
+    assert main([*base, "--truncation", "prompt-left", "--output", str(tmp / "stale_cut")]) == 0
+    got = read_rows(str(tmp / "stale_cut"))
+    assert [len(r["rewards"]) for r in got] == [3, 2] and not read_rejects(str(tmp / "stale_cut"))
+    tok = load_tokenizer(run_dirs["rm"])
+    model = load_reward_model(run_dirs["rm"], device="cpu")
+    cut = PairTokenizer(tok, max_length=24, truncation="prompt-left")
+    for r, src in zip(got, rows):
+        enc = cut.encode(to_example({k: v for k, v in src.items() if k != "rewards"}, "multi"))
+        assert len(enc.prompt_ids) + max(map(len, enc.response_ids)) <= 24
+        ref = score_groups(model, [(enc.prompt_ids, [x]) for x in enc.response_ids], tok.pad_token_id,
+                           layout=Layout(packing=False))
+        assert r["rewards"] == pytest.approx(ref, abs=1e-5)
+    # annotating a folder into itself is refused before its rows are deleted
+    assert main(["annotate", "--data", str(tmp / "stale_cut"), "--reward-model", run_dirs["rm"],
+                 "--output", str(tmp / "stale_cut"), "--overwrite"]) == 2
+    assert read_rows(str(tmp / "stale_cut")) == got

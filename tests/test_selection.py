@@ -370,3 +370,22 @@ def test_non_finite_gaps_are_null_in_selected_jsonl_and_summary(tmp_path):
     rep = strict((tmp_path / "sus" / "suspect_report.json").read_text())
     assert [(r["row_id"], r["gap"]) for r in rep["sample"]] == [(3, None), (2, -1.0)]
     assert "not finite" in (tmp_path / "sus" / "suspect_report.md").read_text()
+
+
+def test_an_inputs_own_row_id_and_gap_are_kept_beside_prefsels(tmp_path):
+    """A to-pairs row carries the prompt's row_id, a selection scored again its old gap: the
+    selected line holds prefsel's row_id and gap, and the input's own ones as input_row_id /
+    input_gap (an input_row_id already there is kept too); equal values are not repeated."""
+    rows = [{"row_id": 100 + i, "prompt": f"q{i}", "chosen": f"a{i}", "rejected": f"b{i}", "gap": 9.0}
+            for i in range(6)]
+    rows[1]["input_row_id"] = "taken"
+    rows[2]["row_id"] = 2  # the same as its position: nothing to keep apart
+    scores = _scores_output(tmp_path, rows, [float(i) for i in range(6)], "jsonl")
+    run_select(SelectConfig(scores=scores, output=str(tmp_path / "sel"), ratio=0.5))
+    lines = [json.loads(x) for x in (tmp_path / "sel" / "selected.jsonl").read_text().splitlines()]
+    texts = [{"prompt": f"q{i}", "chosen": f"a{i}", "rejected": f"b{i}"} for i in range(3)]
+    assert lines == [
+        {**texts[0], "input_row_id": 100, "input_gap": 9.0, "row_id": 0, "gap": 0.0},
+        {**texts[1], "input_row_id": "taken", "input_input_row_id": 101, "input_gap": 9.0, "row_id": 1, "gap": 1.0},
+        {**texts[2], "input_gap": 9.0, "row_id": 2, "gap": 2.0},
+    ]

@@ -8,6 +8,7 @@ run as their uninterrupted reference).
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 
@@ -278,6 +279,11 @@ def test_config_defaults_and_validation():
         TrainConfig("dpo", "m", "d", "/o", train_batch_size=5, num_workers=2)
     with pytest.raises(ValueError, match="zero-stage 3"):
         TrainConfig("dpo", "m", "d", "/o", offload_param=True)
+    with pytest.raises(ValueError, match="--keep-checkpoints must be >= 1"):  # Ray's CheckpointConfig refuses 0
+        TrainConfig("dpo", "m", "d", "/o", keep_checkpoints=0)
+    with pytest.raises(ValueError, match=r"--label-smoothing must be in \[0, 1\) for --loss exo_pair"):
+        TrainConfig("dpo", "m", "d", "/o", loss_type="exo_pair", label_smoothing=1.5)
+    TrainConfig("dpo", "m", "d", "/o", loss_type="exo_pair", label_smoothing=0.7)  # its epsilon, not a DPO smoothing
     with pytest.raises(ValueError, match="--bf16 with --strategy deepspeed needs --zero-stage 1, 2 or 3"):
         TrainConfig("dpo", "m", "d", "/o", bf16=True, zero_stage=0)  # DeepSpeed refuses bf16 + fp32 accumulation there
     TrainConfig("dpo", "m", "d", "/o", bf16=True, zero_stage=0, strategy="ddp")  # DDP ignores the stage
@@ -527,3 +533,51 @@ def test_packing_on_and_off_give_the_same_loss_curve(ray_local, toy, task):
     assert sorted(curves["packed"]) == [1, 2, 3, 4]
     for s in curves["packed"]:
         assert curves["packed"][s] == pytest.approx(curves["padded"][s], abs=1e-6), s
+
+
+def test_rm_lora_under_zero3_bf16_trains(ray_local, toy):
+    """zero.Init loads the base in bf16; peft's adapters (float32) and its copy of the new score
+    head join it as bf16, else DeepSpeed's ZeRO-3 refuses the mixed dtypes at initialisation."""
+    out = toy["dir"] / "rm_lora_z3_bf16"
+    s = _run(_args("rm", toy, out, "--data", toy["pairs"], "--num-workers", "1", "--zero-stage", "3", "--bf16",
+                   "--lora-rank", "4", "--train-batch-size", "8", "--micro-train-batch-size", "4",
+                   "--max-steps", "2", "--logging-steps", "1", "--no-tensorboard"))
+    assert s["final_metrics"]["step"] == 2 and math.isfinite(s["final_metrics"]["loss"])
+    from transformers import AutoModelForSequenceClassification
+
+    clf = AutoModelForSequenceClassification.from_pretrained(out / "final")
+    assert clf.config.num_labels == 1  # merged and saved: a plain transformers classifier
+
+
+def test_resuming_a_finished_run_reports_what_its_last_step_reported(ray_local, toy):
+    """--resume of a run that already reached its last step trains nothing and reports that
+    step's metrics, training loss included; HPS's held-out loss depends on the step through the
+    gamma schedule, so an evaluation one step off would change it."""
+    out = toy["dir"] / "hps_resume_finished"
+    base = _args("hps", toy, out, "--data", toy["multi"], "--eval-data", toy["multi_eval"], "--strategy", "ddp",
+                 "--num-workers", "1", "--hps-mode", "loss", "--gamma-start", "-5", "--gamma-end", "5",
+                 "--train-batch-size", "8", "--micro-train-batch-size", "4", "--max-steps", "2", "--no-tensorboard")
+    first = _run(base)["final_metrics"]
+    again = _run([*base, "--resume"])
+    assert again["resumed_from_step"] == 2
+    assert {"loss", "eval_loss", "gamma"} <= set(first)
+    assert again["final_metrics"] == pytest.approx(first, rel=1e-9)
+
+
+def _grad_norms(out) -> dict[int, float]:
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return {r["step"]: r["grad_norm"] for r in map(json.loads, f) if "grad_norm" in r}
+
+
+def test_zero_stage_0_logs_the_grad_norm_ddp_logs(ray_local, toy):
+    """Without ZeRO DeepSpeed keeps no norm for a torch optimizer; prefsel's is DDP's."""
+    norms = {}
+    for name, flags in (("z0", ("--zero-stage", "0")), ("ddp", ("--strategy", "ddp"))):
+        out = toy["dir"] / f"grad_norm_{name}"
+        _run(_args("dpo", toy, out, "--data", toy["pairs"], "--num-workers", "1", *flags, *DPO_FLAGS,
+                   "--max-steps", "2", "--no-tensorboard"))
+        norms[name] = _grad_norms(out)
+    print("grad norms zero-0 vs ddp:", norms)
+    assert sorted(norms["z0"]) == [1, 2] and all(math.isfinite(v) and v > 0 for v in norms["z0"].values())
+    for s in (1, 2):
+        assert norms["z0"][s] == pytest.approx(norms["ddp"][s], rel=1e-4)

@@ -51,6 +51,17 @@ class DemoConfig:
     parallel: int = 2  # concurrent Ray Train runs for the per-method models (worker mode only)
     overwrite: bool = True
 
+    def __post_init__(self) -> None:
+        from prefsel.checks import require
+        from prefsel.selection import floor_share
+
+        # checked before the first stage: a selection of no pairs fails only at its training run
+        require((bool(self.seeds), "seeds: give at least one"),
+                (self.n_train >= 1 and self.n_eval >= 1, "n_train, n_eval: must be positive"),
+                (0 < self.ratio <= 1, f"ratio: must be in (0, 1], got {self.ratio}"),
+                (not 0 < self.ratio <= 1 or floor_share(self.n_train, self.ratio) >= 1,
+                 f"ratio: {self.ratio} of {self.n_train} training pairs selects none (floor(N x ratio) = 0)"))
+
     @classmethod
     def quick_config(cls, **kw) -> DemoConfig:
         base = dict(seeds=[0], n_train=200, n_eval=64, hidden_size=32, intermediate_size=64,

@@ -21,9 +21,10 @@ from prefsel.checks import require
 from prefsel.formats import RowError, to_example
 from prefsel.generation.output import JsonlRunOutput
 from prefsel.jobs import ActorResources, ModelActor, TokenizerSpec, group_by_owner
-from prefsel.jobs import JobConfig, job_fingerprint, original_record, run_chunks
+from prefsel.jobs import JobConfig, check_attn, job_fingerprint, original_record, run_chunks
 from prefsel.packing import DEFAULT_MAX_TOKENS_PER_BATCH, ForwardStats, Layout
 from prefsel.sources import Chunk, RawRow, plan_source
+from prefsel.tokenization import TRUNCATION_MODES
 
 PREPARED_SCHEMA = pa.schema([
     ("row_id", pa.int64()), ("out_id", pa.int64()), ("chunk_id", pa.int64()), ("record", pa.large_string()),
@@ -37,6 +38,7 @@ class AnnotateConfig(JobConfig):
     reward_model: str
     output: str
     max_length: int | None = None  # None: the reward model's context
+    truncation: str = "reject"  # or prompt-left: an over-long row loses prompt tokens from the left
     max_tokens_per_batch: int = DEFAULT_MAX_TOKENS_PER_BATCH
     attn_implementation: str = "auto"
     packing: bool = True  # prefsel.packing: several sequences per forward row
@@ -47,7 +49,9 @@ class AnnotateConfig(JobConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require((self.max_length is None or self.max_length >= 2, "max_length: must be at least 2"))
+        require((self.max_length is None or self.max_length >= 2, "max_length: must be at least 2"),
+                (self.truncation in TRUNCATION_MODES, f"truncation: must be one of {TRUNCATION_MODES}"))
+        check_attn(self.attn_implementation, self.resources)
         self.layout  # validates the layout fields
 
     @property
@@ -56,7 +60,7 @@ class AnnotateConfig(JobConfig):
 
 
 def fingerprint(cfg: AnnotateConfig, files: list[str]) -> dict:
-    return job_fingerprint(cfg, files, ("reward_model",), ("max_length",))
+    return job_fingerprint(cfg, files, ("reward_model",), ("max_length", "truncation"))
 
 
 def prepare_multi_rows(rows, tokenizer) -> list[dict]:
@@ -79,7 +83,8 @@ def prepare_multi_rows(rows, tokenizer) -> list[dict]:
             if problem:
                 raise RowError(problem)
             text = dumps(rec)
-            ex = to_example(rec, "multi")
+            # an old `rewards` is replaced, not validated: a row re-annotated after its responses changed
+            ex = to_example({k: v for k, v in rec.items() if k != "rewards"}, "multi")
             tok = tokenizer.encode(ex)
             out.append({**base, "record": text, "reason": None, "prompt_ids": tok.prompt_ids,
                         "response_ids": tok.response_ids})
@@ -173,11 +178,13 @@ def run_annotate(cfg: AnnotateConfig) -> dict:
     if cfg.max_length is None:  # too long for the reward model is a reject, not a silent score
         cfg = replace(cfg, max_length=model_context_length(tok, [cfg.reward_model],
                                                            trust_remote_code=cfg.trust_remote_code))
-    out = JsonlRunOutput(cfg.output, fingerprint(cfg, plan.files), kind="multi", overwrite=cfg.overwrite)
+    out = JsonlRunOutput(cfg.output, fingerprint(cfg, plan.files), kind="multi", overwrite=cfg.overwrite,
+                         inputs=[("--reward-model", cfg.reward_model), ("--tokenizer", cfg.tokenizer),
+                                 *(("--data", f) for f in (cfg.data, *plan.files))])
     done = out.done_chunks()
     todo = [c for c in plan.chunks if c.chunk_id not in done]
     writer = AnnotateShardWriter(out)
-    spec = TokenizerSpec(cfg.tokenizer_path, cfg.chat_template, cfg.max_length, "reject", cfg.trust_remote_code)
+    spec = TokenizerSpec(cfg.tokenizer_path, cfg.chat_template, cfg.max_length, cfg.truncation, cfg.trust_remote_code)
     collector = run_chunks(todo, PrepareMulti(spec), RewardActor, dict(cfg=cfg, pad_token_id=tok.pad_token_id),
                            cfg.resources, writer)
     wall = time.time() - t0
@@ -191,7 +198,7 @@ def run_annotate(cfg: AnnotateConfig) -> dict:
         "wall_s": round(wall, 2), "resumed_chunks": len(done), "chunks": len(plan.chunks),
         "rows_per_actor": dict(collector.rows_per_actor),
         "forward": collector.forward_summary(cfg.layout, cfg.attn_implementation),
-        "reward_model": cfg.reward_model, "max_length": cfg.max_length, "data": cfg.data,
+        "reward_model": cfg.reward_model, "max_length": cfg.max_length, "truncation": cfg.truncation, "data": cfg.data,
         "outputs": {"multi": f"{cfg.output.rstrip('/')}/multi", "rejects": f"{cfg.output.rstrip('/')}/rejects",
                     "summary": f"{cfg.output.rstrip('/')}/summary.json"},
     }

@@ -18,7 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     from prefsel.generation.annotate_job import AnnotateConfig
 
     add_data_flags(p, AnnotateConfig, data_help="a `prefsel generate` output, or files with `prompt` and `responses`",
-                   formats=None, max_length_help="max tokens of prompt + response; longer rows are rejected")
+                   formats=None)
     add_model_flags(p, AnnotateConfig, roles=("reward_model",))
     add_actor_flags(p, AnnotateConfig)
     add_layout_flags(p.add_argument_group("forward layout"), AnnotateConfig, "", "max_tokens_per_batch")

@@ -270,7 +270,9 @@ def run_generate(cfg: GenerateConfig) -> dict:
 
         require_vllm()
     plan = plan_source(cfg.prompts, cfg.chunk_rows, cfg.split)
-    out = JsonlRunOutput(cfg.output, fingerprint(cfg, plan.files), kind="generations", overwrite=cfg.overwrite)
+    out = JsonlRunOutput(cfg.output, fingerprint(cfg, plan.files), kind="generations", overwrite=cfg.overwrite,
+                         inputs=[("--model", cfg.model), ("--tokenizer", cfg.tokenizer),
+                                 *(("--prompts", f) for f in (cfg.prompts, *plan.files))])
     done = out.done_chunks()
     todo = [c for c in plan.chunks if c.chunk_id not in done]
     prepare = PreparePrompts(TokenizerSpec(cfg.tokenizer_path, cfg.chat_template, None, "reject",

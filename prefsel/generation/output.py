@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import posixpath
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from pyarrow import fs as pafs
 
@@ -34,9 +34,11 @@ def _dumps(obj) -> str:
 class JsonlRunOutput(RunOutput):
     """RunOutput whose data shards are JSON lines under `data_dir`/."""
 
-    def __init__(self, output: str, fingerprint: dict, *, kind: str, overwrite: bool = False) -> None:
+    def __init__(self, output: str, fingerprint: dict, *, kind: str, overwrite: bool = False,
+                 inputs: Iterable[tuple[str, str | None]] = ()) -> None:
         self.data_dir = DATA_DIRS[kind]
-        super().__init__(output, fingerprint, kind=kind, overwrite=overwrite, subdirs=(self.data_dir, "rejects"))
+        super().__init__(output, fingerprint, kind=kind, overwrite=overwrite, subdirs=(self.data_dir, "rejects"),
+                         inputs=inputs)
 
     def _write_manifest(self, complete: bool, extra: dict | None = None) -> None:
         super()._write_manifest(complete, {"data_dir": self.data_dir, **(extra or {})})

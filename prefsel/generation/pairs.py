@@ -90,7 +90,8 @@ def run_to_pairs(cfg: ToPairsConfig) -> dict:
     plan = plan_source(cfg.data, cfg.chunk_rows, cfg.split)
     fp = {"data": input_stamps(plan.files), "strategy": cfg.strategy, "gamma": cfg.gamma, "seed": cfg.seed,
           "min_reward_gap": cfg.min_reward_gap, "chunk_rows": cfg.chunk_rows, "split": cfg.split}
-    out = JsonlRunOutput(cfg.output, fp, kind="pairs", overwrite=cfg.overwrite)
+    out = JsonlRunOutput(cfg.output, fp, kind="pairs", overwrite=cfg.overwrite,
+                         inputs=[("--data", f) for f in (cfg.data, *plan.files)])
     done = out.done_chunks()
     for chunk in plan.chunks:
         if chunk.chunk_id in done:

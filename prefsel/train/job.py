@@ -80,7 +80,12 @@ def _prepare_output(cfg: TrainConfig) -> None:
     STORAGE/RUN_NAME (the checkpoints; OUTPUT/train by default). Ray Train V2 restores the latest
     checkpoint under the run folder by itself, so a new run pointed at a used --storage-path would
     silently continue (and export) another run's weights: both are checked, local or object
-    storage alike, before anything is deleted."""
+    storage alike, before anything is deleted. An OUTPUT that is, holds or lies inside an input is
+    refused first."""
+    from prefsel.run_output import refuse_overlap
+
+    refuse_overlap(cfg.output, [("--model", cfg.model), ("--ref-model", cfg.ref_model), ("--tokenizer", cfg.tokenizer),
+                                ("--data", cfg.data), ("--eval-data", cfg.eval_data)])
     if cfg.resume:
         if is_local_uri(cfg.output):
             os.makedirs(cfg.output, exist_ok=True)

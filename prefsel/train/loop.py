@@ -20,6 +20,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -84,6 +85,13 @@ def build_module(cfg: TrainConfig, pad_id: int, ds_config: dict | None = None,
             task_type="SEQ_CLS" if cfg.task == "rm" else "CAUSAL_LM",
         )
         model = get_peft_model(model, lcfg)
+        if keep is not None and cfg.bf16:
+            # zero.Init made the base bf16, and DeepSpeed does not cast a model built under it: the
+            # adapters (float32) and an RM's copied score head must match it, or ZeRO-3 refuses
+            # the mixed dtypes; the float32 master copy of each trainable weight is the optimizer's
+            for p in model.parameters():
+                if p.is_floating_point() and not hasattr(p, "ds_id"):
+                    p.data = p.data.to(torch.bfloat16)
     module = RewardModule(model) if cfg.task == "rm" else LogpModule(model)
     module._hf_ds_config = keep  # keep HfDeepSpeedConfig alive while the model lives
     return module
@@ -309,7 +317,8 @@ def _save_checkpoint(w: Worker, engine, step: int, metrics: dict, keep: bool = T
         torch.save(rng_state(w.device), _rng_file(d, w.rank))
         if w.rank == 0:
             with open(os.path.join(d, "train_state.json"), "w") as f:
-                json.dump({"step": step, "task": cfg.task, "strategy": cfg.strategy}, f)
+                json.dump({"step": step, "task": cfg.task, "strategy": cfg.strategy, "metrics": metrics}, f,
+                          default=float)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
                          checkpoint_dir_name=f"checkpoint_{step:08d}")
     finally:
@@ -389,19 +398,22 @@ def build_engine(w: Worker):
     return engine, Objective(cfg, ref, w.pad_id, w.device, w.total_steps, model=module.model)
 
 
-def restore(w: Worker, engine) -> int:
-    """The step to start at: 0, or that of Ray Train's latest checkpoint, loaded into `engine`
-    with this rank's RNG state (a restart after a failure, or --resume)."""
+def restore(w: Worker, engine) -> tuple[int, dict]:
+    """(the step to start at, the metrics reported with its checkpoint): (0, {}), or Ray Train's
+    latest checkpoint, loaded into `engine` with this rank's RNG state (a restart after a
+    failure, or --resume)."""
     import ray.train
 
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
-        return 0
+        return 0, {}
     with ckpt.as_directory() as d:
         step = int(engine.load(os.path.join(d, "state"))["step"])
         if os.path.exists(_rng_file(d, w.rank)):  # absent in checkpoints of older versions
             set_rng_state(torch.load(_rng_file(d, w.rank), weights_only=False), w.device)
-    return step
+        state = Path(d, "train_state.json")  # rank 0's, in every rank's copy of the checkpoint
+        saved = (json.loads(state.read_text()).get("metrics") or {}) if state.exists() else {}
+    return step, saved
 
 
 def train_one_step(w: Worker, engine, objective: Objective, rows: list[dict], order: np.ndarray,
@@ -538,14 +550,16 @@ def train_loop_per_worker(config: dict) -> None:
     w = setup_worker(config)
     rows, eval_rows = read_rows(w)
     engine, objective = build_engine(w)
-    start = restore(w, engine)
+    start, saved = restore(w, engine)
     logger = Logger(w.cfg, w.rank, w.last_step, start)
     t0 = time.time()
     metrics, tokens = train_steps(w, engine, objective, rows, eval_rows, start, logger,
                                   config.get("on_step_end"))
     wall = time.time() - t0
-    if start >= w.last_step and eval_rows:  # resumed a finished run: still report held-out metrics
-        metrics.update(evaluate(engine, objective, eval_rows, w.cfg, w.rank, w.world, w.last_step, w.device))
+    if start >= w.last_step:  # resumed a finished run: report what its last step reported
+        metrics = {**metrics, **saved}
+        if eval_rows and not saved:  # a checkpoint of an older version: evaluate as that step did
+            metrics.update(evaluate(engine, objective, eval_rows, w.cfg, w.rank, w.world, w.last_step - 1, w.device))
     final = save_final(w, engine)
     write_result(w, metrics, start, wall, tokens, final)
     logger.close()

@@ -196,9 +196,15 @@ class DeepSpeedEngine(_EngineBase):
 
     def backward_step(self, loss: torch.Tensor, boundary: bool):
         self.ds.backward(loss)
+        norm = None
+        if boundary and self.cfg.zero_stage == 0:
+            # without ZeRO, DeepSpeed keeps no norm for a torch optimizer (get_global_grad_norm is
+            # None): the gradients, all-reduced by backward at the boundary, give it before clipping
+            grads = [p.grad for p in self.ds.module.parameters() if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads) if grads else None
         self.ds.step()  # DeepSpeed steps the optimizer + scheduler only at the boundary
         if boundary:
-            norm = self.ds.get_global_grad_norm()
+            norm = self.ds.get_global_grad_norm() if norm is None else norm
             return float(norm) if norm is not None else float("nan")
         return None
 

@@ -1,0 +1,110 @@
+"""Settings a run cannot use are refused in the driver, before Ray starts and before an output
+exists: a value found bad in the actors killed the run mid-way and left an unfinished output
+whose fingerprint then refused the corrected rerun. An output that is, holds or lies inside one
+of its inputs is refused before anything is deleted."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from helpers import write_jsonl
+from prefsel.cli import main
+
+PAIRS = [{"prompt": f"q{i}", "chosen": f"a{i}", "rejected": f"b{i}"} for i in range(4)]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--dtype", "bogus"], "--dtype: must be one of auto, float32"),
+    (["--attn", "flex_attention"], "attn: flex_attention needs a GPU"),
+    (["--chat-template", "no/such/template.jinja"], "--chat-template: expected auto, none or a template file"),
+    (["--max-length", "1"], "--max-length: must be at least 2"),
+], ids=["dtype", "flex-on-cpu", "chat-template", "max-length"])
+def test_score_refuses_a_bad_setting_before_any_output(tiny_models, tmp_path, capsys, flags, message):
+    data = write_jsonl(tmp_path / "in.jsonl", PAIRS)
+    out = tmp_path / "scores"
+    code = main(["score", "--policy", tiny_models[0], "--reference", tiny_models[1], "--data", str(data),
+                 "--output", str(out), *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err, err
+    assert len(err.strip().splitlines()) == 1  # one line naming the flag, no actor traceback
+    assert not out.exists() and not (tmp_path / "scores.partial").exists()
+
+
+def test_annotate_refuses_flex_attention_on_cpu_actors(tiny_models, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "multi.jsonl", [{"prompt": "q", "responses": ["a", "b"]}])
+    code = main(["annotate", "--data", str(data), "--reward-model", tiny_models[0], "--output", str(tmp_path / "m"),
+                 "--attn", "flex_attention"])
+    assert code == 2 and "flex_attention needs a GPU" in capsys.readouterr().err
+    assert not (tmp_path / "m.partial").exists()
+
+
+def test_a_template_file_is_made_absolute_for_the_read_tasks(tiny_models, tmp_path, monkeypatch):
+    from prefsel.score_job import ScoreJobConfig
+
+    (tmp_path / "t.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    monkeypatch.chdir(tmp_path)
+    cfg = ScoreJobConfig(policy=tiny_models[0], reference=tiny_models[1], data="d", output="o",
+                         chat_template="t.jinja")
+    assert cfg.chat_template == str(tmp_path / "t.jinja")  # Ray workers do not share the driver's cwd
+
+
+def test_overlap_of_an_output_and_an_input(tmp_path):
+    from prefsel.run_output import refuse_overlap
+
+    runs = tmp_path / "runs"
+    (runs / "data").mkdir(parents=True)
+    (runs / "data" / "in.jsonl").write_text("{}\n")
+    (runs / "sel-scores").mkdir()
+    for output, inp in [(runs / "data", runs / "data"),                  # the same folder
+                        (runs, runs / "data" / "in.jsonl"),              # the output holds the input
+                        (runs / "data" / "out", runs / "data"),          # the output inside an input folder
+                        (str(runs / "data") + "/", runs / "data")]:      # a trailing slash is the same place
+        with pytest.raises(ValueError, match="--output .* and --data .* overlap"):
+            refuse_overlap(str(output), [("--data", str(inp))])
+    (runs / "link").symlink_to(runs / "data")
+    with pytest.raises(ValueError, match="overlap"):  # the same folder through a link
+        refuse_overlap(str(runs / "link"), [("--data", str(runs / "data"))])
+    with pytest.raises(ValueError, match="overlap"):
+        refuse_overlap("s3://bucket/runs", [("--scores", "s3://bucket/runs/scores/")])
+    # apart: a sibling whose name extends the output's, a hub name, an absent value, another bucket
+    refuse_overlap(str(runs / "sel"), [("--scores", str(runs / "sel-scores")), ("--model", "Qwen/Qwen2.5-0.5B"),
+                                       ("--tokenizer", None)])
+    refuse_overlap("s3://bucket/runs", [("--scores", "s3://other/runs")])
+
+
+def test_select_in_place_is_refused_and_the_scores_survive(tiny_models, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "in.jsonl", PAIRS)
+    scores = tmp_path / "scores"
+    assert main(["score", "--policy", tiny_models[0], "--reference", tiny_models[1], "--data", str(data),
+                 "--output", str(scores)]) == 0
+    before = sorted(p.name for p in (scores / "scores").iterdir())
+    capsys.readouterr()
+    assert main(["select", "--scores", str(scores), "--output", str(scores), "--overwrite"]) == 2
+    assert "overlap" in capsys.readouterr().err
+    assert sorted(p.name for p in (scores / "scores").iterdir()) == before
+    assert json.loads((scores / "manifest.json").read_text())["complete"] is True
+    # scoring into the folder that holds its input: refused too, the input kept
+    assert main(["score", "--policy", tiny_models[0], "--reference", tiny_models[1], "--data", str(data),
+                 "--output", str(tmp_path), "--overwrite"]) == 2
+    assert data.read_text().count("\n") == len(PAIRS)
+
+
+def test_training_into_its_data_folder_is_refused_before_deleting(tmp_path):
+    from prefsel.train.config import TrainConfig
+    from prefsel.train.job import _prepare_output
+
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", PAIRS)
+    cfg = TrainConfig("dpo", "some/model", str(folder), str(folder), overwrite=True, train_batch_size=4)
+    with pytest.raises(ValueError, match="--output .* and --data .* overlap"):
+        _prepare_output(cfg)
+    assert (folder / "train.jsonl").exists()
+
+
+def test_demo_refuses_a_ratio_that_selects_nothing(capsys, tmp_path):
+    assert main(["demo", "--quick", "--ratio", "0.001", "--output", str(tmp_path / "demo")]) == 2
+    assert "--ratio: 0.001 of 200 training pairs selects none" in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()
