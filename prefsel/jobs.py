@@ -180,15 +180,13 @@ class JobConfig:
 
     def __post_init__(self) -> None:
         from prefsel.models import DTYPES
+        from prefsel.tokenization import check_chat_template
 
         # checked here, in the driver: a bad value found in the actors kills the run after Ray has
         # started and leaves an unfinished output that the corrected rerun's fingerprint refuses
         require((self.chunk_rows >= 1, "chunk_rows: must be positive"),
-                (self.dtype in DTYPES, f"dtype: must be one of {', '.join(DTYPES)}, got {self.dtype!r}"),
-                (self.chat_template in ("auto", "none") or Path(self.chat_template).is_file(),
-                 f"chat_template: expected auto, none or a template file, got {self.chat_template!r}"))
-        if self.chat_template not in ("auto", "none"):
-            self.chat_template = os.path.abspath(self.chat_template)  # read tasks run elsewhere
+                (self.dtype in DTYPES, f"dtype: must be one of {', '.join(DTYPES)}, got {self.dtype!r}"))
+        self.chat_template = check_chat_template(self.chat_template)
 
     @property
     def tokenizer_path(self) -> str:

@@ -27,6 +27,7 @@ the scored tokens are exactly the response's. Rules:
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +60,21 @@ def _plain_prompt_from_messages(msgs: list[dict]) -> str:
     return "".join(f"\n\n{names[m['role']]}: {m['content']}" for m in msgs) + "\n\nAssistant:"
 
 
+CHAT_TEMPLATE_MODES = ("auto", "none")
+
+
+def check_chat_template(chat_template: str) -> str:
+    """--chat-template as a run uses it: "auto" or "none" as they are, a template file as its
+    absolute path (Ray workers and Serve replicas do not share the driver's cwd). The one check of
+    the value, made where each run starts (job, train and serve configs) and again here;
+    ValueError naming the field otherwise."""
+    if chat_template in CHAT_TEMPLATE_MODES:
+        return chat_template
+    if not Path(chat_template).is_file():
+        raise ValueError(f"chat_template: expected auto, none or a template file, got {chat_template!r}")
+    return os.path.abspath(chat_template)
+
+
 class PairTokenizer:
     """Encodes examples for scoring and training, with the rules in the module docstring."""
 
@@ -87,10 +103,7 @@ class PairTokenizer:
         elif chat_template == "none":
             self.template = None
         else:
-            path = Path(chat_template)
-            if not path.is_file():
-                raise ValueError(f"--chat-template: expected auto, none or a file, got {chat_template!r}")
-            self.template = path.read_text()
+            self.template = Path(check_chat_template(chat_template)).read_text()
         bos = tokenizer.bos_token_id
         probe = tokenizer("a", add_special_tokens=True)["input_ids"]
         # Only tokenizers that add BOS themselves (Llama, Mistral) get one; Qwen/GPT-2 do not.

@@ -22,7 +22,7 @@ import sys
 import types
 from typing import Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from prefsel.flags import RESPONSE_FIELDS, add_response_flags, default_of
 from prefsel.gap import DEFAULT_BETA
@@ -30,7 +30,7 @@ from prefsel.models import DTYPES
 from prefsel.packing import ATTN_CHOICES
 from prefsel.score_job import ScoreJobConfig
 from prefsel.scoring import ScoreConfig
-from prefsel.tokenization import TRUNCATION_MODES
+from prefsel.tokenization import TRUNCATION_MODES, check_chat_template
 
 # Largest beta the endpoint accepts (server default or per request). DPO uses 0.01 to a few
 # units; the bound keeps beta * (summed log-prob differences) finite in float64.
@@ -77,6 +77,14 @@ class ScorerArgs(BaseModel):
     trust_remote_code: bool = Field(False, description="let transformers run the model repository's code")
     device: str | None = Field(None, description="torch device (default: the visible GPU, else cpu)")
 
+    @field_validator("chat_template")
+    @classmethod
+    def _template(cls, value: str) -> str:
+        try:  # before Ray starts: a missing file found in the replica leaves a deployment that never starts
+            return check_chat_template(value)
+        except ValueError as e:
+            raise ValueError(str(e).removeprefix("chat_template: ")) from None
+
 
 class ServeArgs(ScorerArgs):
     """`build_app` arguments: ScorerArgs plus the deployment's shape (None: the deployment's own
@@ -108,7 +116,8 @@ def validate_args(args: ServeArgs | dict | None) -> ServeArgs:
         msgs = []
         for err in e.errors(include_url=False):
             field = ".".join(str(p) for p in err.get("loc", ())) or "args"
-            msgs.append(f"{field}: {'required (a local folder or a hub name)' if err['type'] == 'missing' else err['msg']}")
+            msg = err["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's ValueError
+            msgs.append(f"{field}: {'required (a local folder or a hub name)' if err['type'] == 'missing' else msg}")
         raise ValueError(f"invalid serve arguments: {'; '.join(msgs)}") from None
 
 

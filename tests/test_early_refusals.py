@@ -108,3 +108,31 @@ def test_demo_refuses_a_ratio_that_selects_nothing(capsys, tmp_path):
     assert main(["demo", "--quick", "--ratio", "0.001", "--output", str(tmp_path / "demo")]) == 2
     assert "--ratio: 0.001 of 200 training pairs selects none" in capsys.readouterr().err
     assert not (tmp_path / "demo").exists()
+
+
+def test_train_and_serve_check_the_template_where_they_start(tmp_path, monkeypatch, capsys):
+    """One check of --chat-template (prefsel.tokenization.check_chat_template) in every config:
+    train refuses a missing file before its output exists; serve before Ray Serve starts (a
+    replica that fails to read it leaves a deployment that never becomes healthy). A relative
+    file becomes absolute for the workers and replicas."""
+    from prefsel.train.config import TrainConfig
+    from serve.run import serve_main
+
+    data = write_jsonl(tmp_path / "train.jsonl", PAIRS)
+    out = tmp_path / "run"
+    assert main(["train", "dpo", "--model", "some/model", "--data", str(data), "--output", str(out),
+                 "--chat-template", "no/such.jinja", "--train-batch-size", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "--chat-template: expected auto, none or a template file, got 'no/such.jinja'" in err, err
+    assert not out.exists()
+    assert serve_main(["--policy", "P", "--reference", "R", "--chat-template", "no/such.jinja", "--print-config"]) == 2
+    err = capsys.readouterr().err
+    assert "chat_template: expected auto, none or a template file, got 'no/such.jinja'" in err, err
+    assert "Value error" not in err
+
+    (tmp_path / "t.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    monkeypatch.chdir(tmp_path)
+    cfg = TrainConfig("dpo", "some/model", str(data), str(out), chat_template="t.jinja", train_batch_size=4)
+    assert cfg.chat_template == str(tmp_path / "t.jinja")
+    assert serve_main(["--policy", "P", "--reference", "R", "--chat-template", "t.jinja", "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["app_args"]["chat_template"] == str(tmp_path / "t.jinja")

@@ -327,7 +327,7 @@ def test_template_file_applied(tiny, qwen, tmp_path):
 
 
 def test_bad_chat_template_argument(qwen, tmp_path):
-    with pytest.raises(ValueError, match="chat-template"):
+    with pytest.raises(ValueError, match="chat_template: expected auto, none or a template file"):
         PairTokenizer(qwen, chat_template=str(tmp_path / "missing.jinja"))
 
 

@@ -121,11 +121,13 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         from prefsel.sources import absolute_local
+        from prefsel.tokenization import check_chat_template
 
         for name in ("model", "data", "ref_model", "tokenizer", "eval_data"):
             setattr(self, name, absolute_local(getattr(self, name)))
         for name in ("output", "storage_path"):
             setattr(self, name, absolute_local(getattr(self, name), output=True))
+        self.chat_template = check_chat_template(self.chat_template)
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
         if self.beta is None:
