@@ -122,7 +122,9 @@ def gap_filter(gaps: np.ndarray, min_gap: float | None = None, max_gap: float | 
 
 
 def band_positions(n: int, lo: float, hi: float) -> tuple[int, int]:
-    """The quantile band's positions in the (gap, row_id) order: [floor(n*lo), floor(n*hi)), half-open."""
+    """The quantile band's positions in the (gap, row_id) order: [floor(n*lo), floor(n*hi)), half-open.
+    `n` counts the rows that have a place in that order: those that pass the filters, NaN gaps
+    left out (a NaN has no quantile; counted, NaN rows took the top band's places)."""
     return min(n, floor_share(n, lo)), min(n, floor_share(n, hi))
 
 
@@ -143,7 +145,8 @@ def choose(
     First the filters (min_gap < gap < max_gap, exclusive) leave N' rows; then, among them:
     k rows for smallest-gap / largest-gap / random; for gap-range every row with
     LO <= gap <= HI; for suspect-labels every row with gap < 0; for quantile-band the rows at
-    positions floor(N' * LO) .. floor(N' * HI) - 1 of the (gap, row_id) order; these three are
+    positions floor(N' * LO) .. floor(N' * HI) - 1 of the (gap, row_id) order, N' less its NaN
+    gaps here (a NaN has no quantile, and is in no band); these three are
     capped at k (the hardest k) when k is given. Independent of the input order.
     """
     row_ids = np.asarray(row_ids, dtype=np.int64)
@@ -174,7 +177,7 @@ def choose(
     elif strategy == "quantile-band":
         if band is None:
             raise ValueError("quantile-band needs (LO, HI)")
-        a, b = band_positions(n, *band)
+        a, b = band_positions(int((~np.isnan(g)).sum()), *band)  # NaN sorts last: by_gap[:that] is ordered
         keep = by_gap[a:b][:take]
     else:
         raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
@@ -372,7 +375,7 @@ def run_select(cfg: SelectConfig) -> dict:
         "top_k": cfg.top_k,
         "seed": cfg.seed if cfg.strategy == "random" else None,
         "band": list(cfg.band) if cfg.band else None,
-        "band_positions": list(band_positions(n_filtered, *cfg.band)) if cfg.band else None,
+        "band_positions": list(band_positions(int((passed & ~np.isnan(gaps)).sum()), *cfg.band)) if cfg.band else None,
         "cutoff_gap": json_gap(cuts[0]) if len(cuts) == 1 else ([json_gap(c) for c in cuts] or None),
         "gap_quantiles": {f"q{int(q * 100):02d}": float(np.quantile(finite, q)) for q in QUANTILES} if len(finite) else {},
         "selected_gap_mean": json_gap(sel_gaps.mean()) if len(idx) else None,

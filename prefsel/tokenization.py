@@ -227,7 +227,9 @@ class PairTokenizer:
             f"prompt {len(prompt_ids)} + {which} {longest} = {len(prompt_ids) + longest} tokens "
             f"> max_length {self.max_length}"
         )
-        head = prompt_ids[:1] if self.bos_id is not None else []
+        # the BOS _with_bos kept: the tokenizer's own, or one the template writes (DeepSeek-V3 style)
+        bos = self.bos_id if self.bos_id is not None else self.tokenizer.bos_token_id
+        head = prompt_ids[:1] if bos is not None and prompt_ids[:1] == [bos] else []
         keep = self.max_length - longest - len(head)  # prompt tokens (after BOS) the response leaves room for
         if keep < 1:
             if self.truncation == "reject":

@@ -177,6 +177,19 @@ def test_suspect_labels_are_the_negative_gaps():
     assert row_ids[choose(row_ids, gaps, "suspect-labels", min_gap=-2.0)].tolist() == [2, 5, 9]
 
 
+def test_quantile_band_ranks_only_gaps_that_have_a_place():
+    """NaN gaps (scoring keeps pairs whose log-probs are not finite) sort last but have no
+    quantile: the top band is the largest real gaps, not the NaN rows, and bands still
+    partition the ordered rows. ±inf are ordered values and keep their places."""
+    gaps = np.array([0.1 * i for i in range(8)] + [np.nan, np.nan, -np.inf])
+    row_ids = np.arange(len(gaps))
+    top = choose(row_ids, gaps, "quantile-band", band=(0.8, 1.0))
+    assert gaps[top].tolist() == [0.6000000000000001, 0.7000000000000001]  # 9 ordered rows: positions 7, 8
+    assert gaps[choose(row_ids, gaps, "quantile-band", band=(0.0, 0.2))].tolist() == [-np.inf]
+    parts = [choose(row_ids, gaps, "quantile-band", band=b) for b in ((0, 0.5), (0.5, 1.0))]
+    assert sorted(np.concatenate(parts).tolist()) == [r for r in range(len(gaps)) if not np.isnan(gaps[r])]
+
+
 def test_quantile_band_exact_positions():
     rng = np.random.default_rng(11)
     row_ids = rng.permutation(1000)

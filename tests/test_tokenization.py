@@ -423,6 +423,28 @@ def test_truncation_prompt_left(which, conversational, request):
     assert enc.prompt_ids[-3:] == full.prompt_ids[-3:]
 
 
+def test_truncation_prompt_left_keeps_a_bos_the_template_writes(tiny):
+    """A tokenizer that adds no BOS itself while its chat template writes `{{ bos_token }}`
+    (DeepSeek-V3/R1: add_bos_token false): prompt-left cuts after that BOS, as after the
+    tokenizer's own (it used to cut it away)."""
+    import copy
+
+    from tokenizers import processors
+
+    tok = copy.deepcopy(tiny)
+    tok._tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)  # adds no BOS
+    ex = pairs([U(LONG_PROMPT)], [A("short")], [A("a longer rejected answer")])
+    full = PairTokenizer(tok).encode(ex)
+    bos = tok.bos_token_id
+    assert PairTokenizer(tok).bos_id is None and full.prompt_ids[0] == bos  # the template's BOS
+    longest = max(len(r) for r in full.response_ids)
+    limit = longest + 12
+    enc = PairTokenizer(tok, max_length=limit, truncation="prompt-left").encode(ex)
+    assert enc.prompt_ids[0] == bos and enc.prompt_ids.count(bos) == 1
+    assert enc.prompt_ids[1:] == full.prompt_ids[1:][-(limit - longest - 1):]
+    assert enc.response_ids == full.response_ids
+
+
 @pytest.mark.parametrize("which", ["qwen", "tiny"])
 @pytest.mark.parametrize("truncation", ["reject", "prompt-left"])
 def test_response_alone_too_long(which, truncation, request):

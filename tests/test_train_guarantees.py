@@ -231,3 +231,38 @@ def test_s3_output_gets_summary_metrics_and_tensorboard(s3, toy, tmp_path):
     assert any(k.startswith("trained/dpo/tensorboard/events.out.tfevents") for k in keys), keys
     assert "trained/dpo/final/config.json" in keys and "trained/dpo/train_result.json" in keys
     assert not [k for k in keys if ".tmp-" in k]
+
+
+def test_online_reference_of_another_family_gets_a_layout_it_runs_exactly():
+    """--ref-mode online: the reference forwards the policy's batches, so the layout is checked
+    against both models, as the precompute path checks the reference's own. A Bloom reference
+    (ALiBi: packed rows would be wrong) beside a Llama policy: padded rows, and the loss equals
+    the DPO formula over each sequence's own float64 forward (before: a packed batch the
+    reference refused mid-run)."""
+    import transformers as tf
+
+    from prefsel.train.config import TrainConfig
+    from prefsel.train.loop import Objective
+    from prefsel.train.objectives import LogpModule
+
+    policy = _tiny_lm()
+    torch.manual_seed(1)
+    ref = tf.BloomForCausalLM(tf.BloomConfig(vocab_size=64, hidden_size=16, n_layer=2, n_head=4)).eval()
+    cfg = TrainConfig("dpo", "m", "d", "/tmp/unused", strategy="ddp", train_batch_size=2, ref_mode="online")
+    objective = Objective(cfg, ref, 0, torch.device("cpu"), 1, model=policy)
+    assert not objective.layout.packing
+    rows = [{"row_id": i, "prompt_ids": [1, 5, 6, 7][: 2 + i], "response_ids": [[10, 11, 12, 2], [13, 2]],
+             "rewards": [], "margin": 0.0} for i in range(2)]
+
+    def own_logp(model, prompt, response) -> float:
+        with torch.no_grad():
+            lp = torch.log_softmax(model(torch.tensor([prompt + response])).logits.double(), -1)[0]
+        return sum(lp[len(prompt) + k - 1, t].item() for k, t in enumerate(response))
+
+    with torch.no_grad():
+        loss, _ = objective(LogpModule(policy), rows, step=0, epoch=0, train=False)
+    want = []
+    for r in rows:
+        (pc, pr), (rc, rr) = ([own_logp(m, r["prompt_ids"], resp) for resp in r["response_ids"]] for m in (policy, ref))
+        want.append(-math.log(1 / (1 + math.exp(-cfg.beta * ((pc - rc) - (pr - rr))))))
+    assert loss.item() == pytest.approx(sum(want) / len(want), rel=1e-5)

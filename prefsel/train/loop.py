@@ -104,7 +104,10 @@ class Objective:
                  model: torch.nn.Module | None = None) -> None:
         self.cfg, self.ref, self.pad, self.device, self.total = cfg, ref_model, pad_id, device, total_steps
         layout = Layout(packing=cfg.packing, share_prompt=cfg.share_prompt)
-        self.layout = layout_for([model], layout) if model is not None else layout
+        # an online reference runs the policy's batches: the layout must be exact for both (a
+        # reference of another family, ALiBi say, would refuse packed rows mid-run)
+        models = [m for m in (model, ref_model) if m is not None]
+        self.layout = layout_for(models, layout) if models else layout
 
     def sft_tokens(self, step_rows: Sequence[dict] | None) -> float | None:
         """SFT's divisor of one micro-batch's summed NLL in training: the global batch's
