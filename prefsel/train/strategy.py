@@ -121,7 +121,11 @@ def deepspeed_config(cfg) -> dict:
 
 
 def lr_lambda(cfg, total_steps: int):
-    """Linear warmup, then constant / linear to 0 / cosine to min_lr_ratio (OpenRLHF default)."""
+    """Linear warmup, then constant / linear to 0 / cosine to min_lr_ratio (cosine with
+    min_lr_ratio is OpenRLHF's default schedule). Warmup step s (0-based) runs at (s+1)/(w+1) of
+    the rate, never at 0 (HF's s/w spends its first step on a zero rate); both reach the full
+    rate at step w. The decay's end is the step after the last, so the last step's rate is a
+    little above its floor, as in HF's schedulers."""
     warmup = math.ceil(cfg.lr_warmup_ratio * total_steps)
 
     def f(step: int) -> float:
