@@ -107,6 +107,12 @@ def shard_chunk_id(name: str, suffix: str) -> int | None:
     return int(digits) if digits.isascii() and digits.isdigit() else None
 
 
+def _holds_objects(fs: pafs.FileSystem, path: str) -> bool:
+    """Whether the prefix `path` holds any object (folder markers, which create_dir writes, aside)."""
+    sel = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    return any(i.type == pafs.FileType.File for i in sel)
+
+
 class RunOutput:
     """Shards, manifest and completion of one output folder (local path or s3:// / gs:// URI)."""
 
@@ -134,6 +140,13 @@ class RunOutput:
                 raise FileExistsError(f"{self.uri} already exists; pass --overwrite to replace it")
             if done:
                 self.fs.delete_dir(self.final)
+        elif not self.local and _holds_objects(self.fs, self.final):
+            # no manifest: not a prefsel run (each writes its manifest before any shard), and
+            # part-NNNNNN files there would be taken for finished chunks
+            if not overwrite:
+                raise FileExistsError(f"{self.uri} holds objects but no {MANIFEST}: not a prefsel output; "
+                                      "pass --overwrite to replace them, or choose another --output")
+            self.fs.delete_dir(self.final)
         manifest = posixpath.join(self.dir, MANIFEST)
         if exists(self.fs, manifest):
             old = read_json(self.fs, manifest)

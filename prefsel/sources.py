@@ -16,6 +16,7 @@ import json
 import os
 import posixpath
 import re
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -175,8 +176,8 @@ def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
 
 
 def _uri(fs: pafs.FileSystem, path: str, like: str) -> str:
-    if "://" in like:
-        return like.split("://", 1)[0] + "://" + path
+    if "://" in like:  # from_uri decodes %-escapes: put them back, or a key with a space or % is unreadable
+        return like.split("://", 1)[0] + "://" + urllib.parse.quote(path, safe="/!$&'()*+,;=:@~")
     return path
 
 
@@ -300,7 +301,7 @@ def _glob_files(fs: pafs.FileSystem, pattern: str) -> list[str]:
 
 def _list_files(data: str) -> tuple[pafs.FileSystem, list[str], str]:
     fs, path = filesystem_for(data)
-    if any(ch in path for ch in _GLOB_CHARS):
+    if any(ch in path for ch in _GLOB_CHARS) and fs.get_file_info(path).type == pafs.FileType.NotFound:
         files = _glob_files(fs, path)
         if not files:
             raise FileNotFoundError(f"--data: no files match {data!r}")
@@ -420,9 +421,15 @@ def _plan_json(fs, path, uri, row_start, chunk_rows, first_id) -> list[Chunk]:
     under a .json name (what `datasets`' to_json writes) are planned as JSON lines."""
     with fs.open_input_stream(path) as f:
         raw = f.read()
-    text = raw.decode("utf-8-sig")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:  # no row to reject: the array is decoded whole to find its rows
+        raise ValueError(f"--data: {uri}: invalid UTF-8 at byte {e.start} (write it as JSON lines, named "
+                         f".jsonl, and only the row that holds it is rejected)") from None
     bom = len(raw) - len(text.encode("utf-8"))
     i = _skip_ws(text, 0)
+    if i == len(text):
+        return []  # empty: no rows, as an empty .jsonl
     if text.startswith("{", i):
         if _is_json_lines(text, i):
             return _plan_jsonl(fs, path, uri, row_start, chunk_rows, first_id)
@@ -431,6 +438,8 @@ def _plan_json(fs, path, uri, row_start, chunk_rows, first_id) -> list[Chunk]:
             rows = _column_rows(data, uri)
             return [Chunk(first_id + c, "rows", uri, row_start + s, len(rows[s:s + chunk_rows]), s,
                           payload=rows[s:s + chunk_rows]) for c, s in enumerate(range(0, len(rows), chunk_rows))]
+        if isinstance(data, dict) and "\n" not in text[i:].strip():
+            return _plan_jsonl(fs, path, uri, row_start, chunk_rows, first_id)  # one JSON line: one row
     if not text.startswith("[", i):
         raise ValueError(f"--data: {uri} must hold a JSON array of objects (or use JSON lines, named .jsonl)")
     spans = _array_spans(text, i, uri)
@@ -495,7 +504,7 @@ def _array_spans(text: str, i: int, uri: str) -> list[tuple[int, int]]:
             _, end = decoder.raw_decode(text, i)
         except json.JSONDecodeError as e:
             raise ValueError(f"--data: {uri} is not valid JSON: {e}") from None
-        except RecursionError:
+        except (RecursionError, ValueError):  # too deep, or an integer of over 4300 digits: that row's reject
             end = _value_end(text, i, uri)
         spans.append((i, end))
         i = _skip_ws(text, end)
@@ -503,6 +512,9 @@ def _array_spans(text: str, i: int, uri: str) -> list[tuple[int, int]]:
             i = _skip_ws(text, i + 1)
         elif not text.startswith("]", i):
             raise ValueError(f"--data: {uri} is not valid JSON: expected ',' or ']' at character {i}")
+    rest = _skip_ws(text, i + 1)
+    if rest < len(text):  # a second array, or JSON lines after it: rows that would be lost unseen
+        raise ValueError(f"--data: {uri} is not valid JSON: extra data after the array at character {rest}")
     return spans
 
 
@@ -536,6 +548,10 @@ def _plan_parquet(fs, path, uri, row_start, chunk_rows, first_id):
     with fs.open_input_file(path) as f:
         pf = pq.ParquetFile(f)
         md, schema = pf.metadata, pf.schema_arrow
+    dup = sorted({n for n in schema.names if schema.names.count(n) > 1})
+    if dup:  # a row dict keeps one value per name: the others would be lost unseen
+        raise ValueError(f"--data: {uri}: duplicate column name{'s' if len(dup) > 1 else ''} "
+                         f"{', '.join(repr(n) for n in dup)}; rename them so each field has one column")
     chunks, pos = [], 0
     for g in range(md.num_row_groups):
         size = md.row_group(g).num_rows
@@ -615,7 +631,7 @@ def read_chunk(chunk: Chunk) -> list[RawRow]:
             text = f.read_at(chunk.length, chunk.offset).decode("utf-8")
         try:
             data = json.loads("[" + text + "]")
-        except RecursionError:  # some element is too deep: decode one by one, reject that one
+        except (RecursionError, ValueError):  # an element too deep or too big: decode one by one, reject it
             return _read_json_elements(text, chunk)
         return [RawRow(chunk.row_start + i, r) for i, r in enumerate(data)]
     if chunk.kind == "parquet":
@@ -652,6 +668,9 @@ def _read_json_elements(text: str, chunk: Chunk) -> list[RawRow]:
             end = _value_end(text, i, chunk.path)
             rows.append(RawRow(rid, None, raw=text[i:end],
                                error=TOO_DEEP_ROW))
+        except ValueError as e:  # an integer of more than 4300 digits (planning found the element)
+            end = _value_end(text, i, chunk.path)
+            rows.append(RawRow(rid, None, raw=text[i:end], error=f"row: invalid JSON: {e}"))
         i = _skip_ws(text, end)
         if text.startswith(",", i):
             i = _skip_ws(text, i + 1)

@@ -304,3 +304,32 @@ def test_s3_input_edited_between_kill_and_rerun_is_refused(tiny_models, s3):
     _put(client, "edit/in.jsonl", _lines(rows[::-1] + rows[:1]))
     with pytest.raises(FileExistsError, match=r"input file changed.*edit/in.jsonl"):
         run_score(cfg)
+
+
+def test_s3_keys_with_escapes_and_a_foreign_prefix(s3):
+    """Keys with a space or a literal % (given %-escaped, as URIs spell them) are read, listed
+    and stamped, and the chunk URIs keep the escapes (pyarrow decodes them once). An output
+    prefix that holds objects but no prefsel manifest is refused, not written into: its
+    part-NNNNNN files would be taken for finished chunks; --overwrite replaces it."""
+    from prefsel.jobs import input_stamps
+    from prefsel.run_output import RunOutput
+    from prefsel.sources import plan_source, read_chunk
+
+    client, _ = s3
+    rows = [r for r in _rows() if isinstance(r, dict) and "chosen" in r][:3]
+    _put(client, "esc/my dir/in.jsonl", _lines(rows))
+    _put(client, "esc/pct/a%41.jsonl", _lines(rows))
+    for uri, want in [(f"s3://{BUCKET}/esc/my%20dir/in.jsonl", f"s3://{BUCKET}/esc/my%20dir/in.jsonl"),
+                      (f"s3://{BUCKET}/esc/my%20dir/", f"s3://{BUCKET}/esc/my%20dir/in.jsonl"),
+                      (f"s3://{BUCKET}/esc/pct/a%2541.jsonl", f"s3://{BUCKET}/esc/pct/a%2541.jsonl")]:
+        plan = plan_source(uri, 2)
+        assert plan.files == [want]
+        assert [r.record for c in plan.chunks for r in read_chunk(c)] == rows
+        assert input_stamps(plan.files)[want].startswith("size=")  # stat-able: an edit is caught, not "name"
+
+    _put(client, "foreign/scores/part-000000.parquet", "someone else's data")
+    with pytest.raises(FileExistsError, match="holds objects but no manifest.json: not a prefsel output"):
+        RunOutput(f"s3://{BUCKET}/foreign", {"fp": 1}, kind="scores")
+    assert _keys(client, "foreign/") == ["foreign/scores/part-000000.parquet"]
+    out = RunOutput(f"s3://{BUCKET}/foreign", {"fp": 1}, kind="scores", overwrite=True)
+    assert out.done_chunks() == set()

@@ -108,6 +108,52 @@ def test_json_that_is_neither_one_value_nor_json_lines_names_the_file(tmp_path):
     p.write_text('{"prompt": "p",\n "chosen": "c", "rejected": "r"}\n{"prompt": "q"}\n')  # pretty-printed, twice
     with pytest.raises(ValueError, match=r"two\.json is not valid JSON: Extra data.*name the file \.jsonl"):
         plan_source(str(p))
-    p.write_text(json.dumps(ROW))  # one object, not a list of rows
+    p.write_text(json.dumps(ROW, indent=1))  # one pretty-printed object, not a list of rows
     with pytest.raises(ValueError, match=r"two\.json must hold a JSON array of objects.*\.jsonl"):
         plan_source(str(p))
+
+
+def test_json_edge_files_lose_no_row_and_crash_nothing(tmp_path):
+    """An empty .json is no rows (as an empty .jsonl); one object on one line is a JSON lines
+    file of one row (datasets' to_json of one row); data after an array's `]` is refused, not
+    dropped; an element the decoder refuses (an integer of over 4300 digits) is that row's
+    reject; invalid UTF-8 in an array (decoded whole) names the file and the byte."""
+    (tmp_path / "empty.json").write_text(" \n")
+    assert plan_source(str(tmp_path / "empty.json")).num_rows == 0
+    for text in (json.dumps(ROW), json.dumps(ROW) + "\n"):
+        (tmp_path / "one.json").write_text(text)
+        assert [r.record for r in _rows(plan_source(str(tmp_path / "one.json")))] == [ROW]
+    for name, text in [("two_arrays.json", f"[{json.dumps(ROW)}]\n[{json.dumps(ROW)}]"),
+                       ("then_lines.json", f"[{json.dumps(ROW)}]\n{json.dumps(ROW)}\n")]:
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match=rf"{name} is not valid JSON: extra data after the array"):
+            plan_source(str(tmp_path / name))
+    big = json.dumps(ROW)[:-1] + ', "n": ' + "9" * 5000 + "}"
+    (tmp_path / "big.json").write_text(f"[{json.dumps(ROW)}, {big}, {json.dumps(ROW)}]")
+    for chunk_rows in (1, 2, 10):
+        rows = _rows(plan_source(str(tmp_path / "big.json"), chunk_rows=chunk_rows))
+        assert [r.row_id for r in rows] == [0, 1, 2] and [r.record for r in rows[::2]] == [ROW, ROW]
+        assert rows[1].record is None and rows[1].error.startswith("row: invalid JSON: Exceeds the limit")
+    (tmp_path / "utf8.json").write_bytes(b'[{"prompt": "\xff"}]')
+    with pytest.raises(ValueError, match=r"utf8\.json: invalid UTF-8 at byte 13"):
+        plan_source(str(tmp_path / "utf8.json"))
+
+
+def test_a_path_with_glob_characters_that_exists_is_read_as_it_is(tmp_path):
+    folder = tmp_path / "run[1]"
+    folder.mkdir()
+    p = write_jsonl(folder / "in.jsonl", [ROW, ROW])
+    assert plan_source(str(p)).num_rows == 2 and plan_source(str(folder)).num_rows == 2
+    with pytest.raises(FileNotFoundError, match="no files match"):  # absent: a pattern, matching nothing
+        plan_source(str(tmp_path / "run[2]" / "in.jsonl"))
+
+
+def test_duplicate_parquet_column_names_are_refused(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    t = pa.Table.from_arrays([pa.array(["p"]), pa.array(["c"]), pa.array(["r"]), pa.array(["x1"]), pa.array(["x2"])],
+                             names=["prompt", "chosen", "rejected", "note", "note"])
+    pq.write_table(t, tmp_path / "dup.parquet")
+    with pytest.raises(ValueError, match=r"dup\.parquet: duplicate column name 'note'"):
+        plan_source(str(tmp_path / "dup.parquet"))
