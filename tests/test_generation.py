@@ -21,6 +21,7 @@ from prefsel.generation.hf_backend import (
     SamplingConfig,
     SeededSampler,
     _filtered_probs,
+    eos_ids,
     generate_samples,
 )
 from prefsel.generation.pairs import ToPairsConfig, choose_pair, make_pair, run_to_pairs
@@ -142,6 +143,40 @@ def test_hf_temperature_zero_is_greedy(policy):
     assert got.token_ids == ref
 
 
+def _copy_with_generation_config(src, dst, **settings):
+    """A copy of a tiny model folder whose generation_config.json also carries `settings`."""
+    import shutil
+
+    from transformers import GenerationConfig
+
+    shutil.copytree(src, dst)
+    gc = GenerationConfig.from_pretrained(dst)
+    gc.update(**settings)
+    gc.save_pretrained(dst)
+    return str(dst)
+
+
+def test_hf_ignores_the_models_generation_config(policy, tiny_models, tmp_path):
+    """Sampling follows SamplingConfig only: the folder's generation_config.json (here a
+    repetition penalty, n-gram blocking and a minimum length, as hub models may carry) must not add
+    logits processors before SeededSampler, and the model keeps its own generation config."""
+    plain, tok = policy
+    path = _copy_with_generation_config(tiny_models[0], tmp_path / "gc", repetition_penalty=1.5,
+                                        no_repeat_ngram_size=2, min_new_tokens=8)
+    model = load_causal_lm(path, device="cpu")
+    own = model.generation_config
+    before = own.to_dict()
+    assert before["repetition_penalty"] == 1.5 and before["no_repeat_ngram_size"] == 2
+    prompts = [tok(t)["input_ids"] for t in ("The weather today is", "Hi", "Tell me a story about")]
+    for temperature in (0.0, 1.0):
+        cfg = SamplingConfig(num_samples=1, temperature=temperature, max_tokens=40)
+        reqs = [SampleRequest(i, p, 100 + i) for i, p in enumerate(prompts)]
+        ref = generate_samples(plain, tok, reqs, cfg, max_batch_size=3)
+        got = generate_samples(model, tok, reqs, cfg, max_batch_size=3)
+        assert [(x.token_ids, x.finished) for x in got] == [(x.token_ids, x.finished) for x in ref], temperature
+    assert model.generation_config is own and own.to_dict() == before
+
+
 # ---- vllm request / row shaping (the engine itself is not exercised) -------------------------------
 
 def test_vllm_request_rows_fan_out_one_request_per_sample():
@@ -176,6 +211,35 @@ def test_vllm_output_rows_parse():
              "__inference_error__": "boom", "generated_text": "", "generated_tokens": []}
     assert parse_output_row(mixed, [2], 3)["sample_error"] == "generation error: boom"
     assert parse_output_row({**done, "__inference_error__": None, "generated_text": None}, [2], 16) == done
+
+
+def test_vllm_finished_only_on_a_stop_token():
+    """Ray's engine stage emits no finish reason: a response is finished iff it ends on a stop id."""
+    base = {"row_id": 0, "chunk_id": 0, "sample_index": 0, "__inference_error__": ""}
+    # cut by the context (vLLM FINISHED_LENGTH_CAPPED at max_model_len): under max_tokens, no stop token
+    capped = parse_output_row({**base, "generated_tokens": list(range(100, 196)), "generated_text": "cut mid-sen"},
+                              [2], 2048)
+    assert capped["sample_finished"] is False and capped["sample_tokens"] == 96
+    # vLLM also stops on the generation_config.json EOS ids; they are in the stop ids, not counted
+    row = {**base, "generated_tokens": [11, 12, 7], "generated_text": "ab"}
+    assert parse_output_row(row, [2, 7], 3) == {"row_id": 0, "chunk_id": 0, "sample_index": 0, "sample_text": "ab",
+                                                "sample_tokens": 2, "sample_finished": True, "sample_error": None}
+    assert parse_output_row({**row, "generated_tokens": [11, 7]}, [2, 7], 16)["sample_finished"] is True
+
+
+def test_eos_ids_from_the_model_folder(tiny_models, tmp_path):
+    """The vllm driver's stop ids: the tokenizer's EOS plus generation_config.json's EOS ids, read
+    from the folder without loading weights, the same ids as the loaded model's (hf backend)."""
+    import os
+
+    tok = load_tokenizer(tiny_models[0])
+    eos = tok.eos_token_id
+    path = _copy_with_generation_config(tiny_models[0], tmp_path / "gc", eos_token_id=[eos, 7, 9])
+    assert eos_ids(tok, path) == [eos, 7, 9] == eos_ids(tok, load_causal_lm(path, device="cpu"))
+    assert eos_ids(tok) == [eos]
+    os.remove(os.path.join(path, "generation_config.json"))  # then config.json's, as transformers and vLLM do
+    assert eos_ids(tok, path) == eos_ids(tok, load_causal_lm(path, device="cpu"))
+    assert eos_ids(tok, str(tmp_path)) == [eos]  # a folder with neither file: the tokenizer's only
 
 
 def test_vllm_processor_config_and_stages(ray_local, tiny_models):

@@ -325,8 +325,9 @@ def _run_vllm(cfg: GenerateConfig, out: JsonlRunOutput, todo: list[Chunk], prepa
     sink.check_all()
     if sink.pending:
         usable = prepared.map_batches(usable_only, batch_format="pyarrow", batch_size=None)
-        samples, parse = _vllm_samples(cfg, usable, eos_ids(load_tokenizer(
-            cfg.tokenizer_path, trust_remote_code=cfg.trust_remote_code)))
+        # the stop ids vLLM uses: the tokenizer's EOS and the model's generation_config.json EOS ids
+        stop_ids = eos_ids(load_tokenizer(cfg.tokenizer_path, trust_remote_code=cfg.trust_remote_code), cfg.model)
+        samples, parse = _vllm_samples(cfg, usable, stop_ids)
         for b in samples.iter_batches(batch_format="pyarrow", batch_size=None):
             for s in b.to_pylist():
                 sink.add_sample(parse(s))

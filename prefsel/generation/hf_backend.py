@@ -95,16 +95,41 @@ class SampleResult:
     error: str | None = None
 
 
+def _as_ids(value) -> list[int]:
+    return [int(value)] if isinstance(value, int) else [int(e) for e in (value or [])]
+
+
+def model_eos_ids(model) -> list[int]:
+    """The EOS ids of a model's generation config (Llama-3-Instruct and Qwen2.5-Instruct list several).
+
+    `model` is a loaded model (its `generation_config`) or a local folder / hub name, whose
+    generation_config.json is read without loading weights; without one, config.json's
+    `eos_token_id`, as transformers (`GenerationConfig.from_model_config`) and vLLM fall back to.
+    [] when neither says. These are stop tokens only: no sampling setting is taken from there.
+    """
+    if not isinstance(model, str):
+        return _as_ids(getattr(getattr(model, "generation_config", None), "eos_token_id", None))
+    from transformers import GenerationConfig, PretrainedConfig
+
+    try:
+        return _as_ids(GenerationConfig.from_pretrained(model).eos_token_id)
+    except OSError:  # no generation_config.json
+        pass
+    try:
+        return _as_ids(PretrainedConfig.get_config_dict(model)[0].get("eos_token_id"))
+    except OSError:
+        return []
+
+
 def eos_ids(tokenizer, model=None) -> list[int]:
-    """Token ids that end a response: the tokenizer's EOS and the model's generation EOS ids."""
+    """Token ids that end a response, shared by both backends: the tokenizer's EOS, then the
+    model's generation EOS ids (`model_eos_ids`: a loaded model, or its folder / hub name)."""
     ids: list[int] = []
     if tokenizer.eos_token_id is not None:
         ids.append(int(tokenizer.eos_token_id))
-    gc = getattr(model, "generation_config", None) if model is not None else None
-    extra = getattr(gc, "eos_token_id", None)
-    for e in [extra] if isinstance(extra, int) else (extra or []):
-        if int(e) not in ids:
-            ids.append(int(e))
+    for e in model_eos_ids(model) if model is not None else []:
+        if e not in ids:
+            ids.append(e)
     return ids
 
 
@@ -118,40 +143,53 @@ def generate_samples(
     max_batch_size: int | None = 64,
     device: torch.device | str = "cpu",
 ) -> list[SampleResult]:
-    """Generate one sample per request; results in request order. A failing batch gives errors."""
+    """Generate one sample per request; results in request order. A failing batch gives errors.
+
+    Only `cfg` decides how tokens are chosen: `generate` fills every setting its config leaves
+    unset from `model.generation_config` (the folder's generation_config.json: repetition_penalty,
+    no_repeat_ngram_size, min_new_tokens, bad_words_ids, suppress_tokens, ...), whose logits
+    processors would run before SeededSampler. So for the call the model carries a blank
+    generation config (stop and pad ids only), and gets its own back afterwards. The model's
+    generation EOS ids are kept, as stop ids (`eos_ids`). Not thread-safe on a shared model.
+    """
     from transformers import GenerationConfig
 
     stop = eos_ids(tokenizer, model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
     lengths = [len(r.prompt_ids) + cfg.max_tokens for r in requests]
     results: list[SampleResult | None] = [None] * len(requests)
-    for batch in plan_token_batches(lengths, max_tokens_per_batch, max_batch_size):
-        reqs = [requests[i] for i in batch]
-        width = max(len(r.prompt_ids) for r in reqs)
-        ids = torch.full((len(reqs), width), pad, dtype=torch.long)
-        attn = torch.zeros((len(reqs), width), dtype=torch.long)
-        for j, r in enumerate(reqs):  # left padding: every prompt ends at the same column
-            ids[j, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids, dtype=torch.long)
-            attn[j, width - len(r.prompt_ids):] = 1
-        gen_cfg = GenerationConfig(
-            do_sample=False, max_new_tokens=cfg.max_tokens, eos_token_id=stop, pad_token_id=pad,
-        )
-        try:
-            with torch.no_grad():
-                out = model.generate(
-                    input_ids=ids.to(device), attention_mask=attn.to(device), generation_config=gen_cfg,
-                    logits_processor=[SeededSampler([r.seed for r in reqs], cfg.temperature, cfg.top_p)],
-                )
-        except Exception as e:  # noqa: BLE001 - reported per row, the run goes on
-            msg = f"generation error: {type(e).__name__}: {e}"[:500]
-            for i, r in zip(batch, reqs):
-                results[i] = SampleResult(r.key, [], "", False, msg)
-            continue
-        new = out[:, width:].tolist()
-        for i, r, toks in zip(batch, reqs, new):
-            cut = next((k for k, t in enumerate(toks) if t in stop), None)
-            finished = cut is not None
-            toks = toks[:cut] if finished else toks
-            text = tokenizer.decode(toks, skip_special_tokens=True)
-            results[i] = SampleResult(r.key, toks, text, finished)
+    own_config = model.generation_config  # restored in the finally below
+    model.generation_config = GenerationConfig(eos_token_id=stop, pad_token_id=pad)
+    try:
+        for batch in plan_token_batches(lengths, max_tokens_per_batch, max_batch_size):
+            reqs = [requests[i] for i in batch]
+            width = max(len(r.prompt_ids) for r in reqs)
+            ids = torch.full((len(reqs), width), pad, dtype=torch.long)
+            attn = torch.zeros((len(reqs), width), dtype=torch.long)
+            for j, r in enumerate(reqs):  # left padding: every prompt ends at the same column
+                ids[j, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids, dtype=torch.long)
+                attn[j, width - len(r.prompt_ids):] = 1
+            gen_cfg = GenerationConfig(
+                do_sample=False, max_new_tokens=cfg.max_tokens, eos_token_id=stop, pad_token_id=pad,
+            )
+            try:
+                with torch.no_grad():
+                    out = model.generate(
+                        input_ids=ids.to(device), attention_mask=attn.to(device), generation_config=gen_cfg,
+                        logits_processor=[SeededSampler([r.seed for r in reqs], cfg.temperature, cfg.top_p)],
+                    )
+            except Exception as e:  # noqa: BLE001 - reported per row, the run goes on
+                msg = f"generation error: {type(e).__name__}: {e}"[:500]
+                for i, r in zip(batch, reqs):
+                    results[i] = SampleResult(r.key, [], "", False, msg)
+                continue
+            new = out[:, width:].tolist()
+            for i, r, toks in zip(batch, reqs, new):
+                cut = next((k for k, t in enumerate(toks) if t in stop), None)
+                finished = cut is not None
+                toks = toks[:cut] if finished else toks
+                text = tokenizer.decode(toks, skip_special_tokens=True)
+                results[i] = SampleResult(r.key, toks, text, finished)
+    finally:
+        model.generation_config = own_config
     return results  # type: ignore[return-value]

@@ -76,7 +76,15 @@ def request_rows(row: dict, cfg: SamplingConfig, stop_ids: list[int]) -> list[di
 
 def parse_output_row(row: dict, stop_ids: list[int], max_tokens: int) -> dict:
     """One engine output row -> a sample row (SAMPLE_COLUMNS). Used as the processor's
-    postprocess and again on the driver for error rows (which skip postprocess); idempotent."""
+    postprocess and again on the driver for error rows (which skip postprocess); idempotent.
+
+    Finished means the response ends on a stop token (vLLM keeps it as the last generated token;
+    it is not counted). Ray's engine stage emits no finish reason (vLLMOutputData: generated_tokens,
+    generated_text, num_generated_tokens, ...), so a response cut by max_tokens or by the model's
+    context (vLLM's FINISHED_LENGTH_CAPPED at max_model_len, maybe under max_tokens) is told apart
+    only by its last token: `stop_ids` must hold every id vLLM stops on, i.e. `eos_ids(tokenizer,
+    model path)`, the generation_config.json EOS ids included. `max_tokens` is kept for the
+    postprocess signature; a response is never called finished for being short."""
     base = {"row_id": int(row["row_id"]), "chunk_id": int(row["chunk_id"]), "sample_index": int(row["sample_index"])}
     err = row.get(ERROR_COLUMN)
     if not err and row.get("sample_text") is not None:  # already parsed (postprocess ran)
@@ -89,7 +97,7 @@ def parse_output_row(row: dict, stop_ids: list[int], max_tokens: int) -> dict:
     n = len(tokens) - (1 if stopped else 0)
     text = row.get("generated_text") or ""
     return {**base, "sample_text": str(text), "sample_tokens": n,
-            "sample_finished": stopped or len(tokens) < max_tokens, "sample_error": None}
+            "sample_finished": stopped, "sample_error": None}
 
 
 def processor_config_kwargs(
