@@ -158,6 +158,7 @@ def generate_samples(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
     lengths = [len(r.prompt_ids) + cfg.max_tokens for r in requests]
     results: list[SampleResult | None] = [None] * len(requests)
+    gen_cfg = GenerationConfig(do_sample=False, max_new_tokens=cfg.max_tokens, eos_token_id=stop, pad_token_id=pad)
     own_config = model.generation_config  # restored in the finally below
     model.generation_config = GenerationConfig(eos_token_id=stop, pad_token_id=pad)
     try:
@@ -169,9 +170,6 @@ def generate_samples(
             for j, r in enumerate(reqs):  # left padding: every prompt ends at the same column
                 ids[j, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids, dtype=torch.long)
                 attn[j, width - len(r.prompt_ids):] = 1
-            gen_cfg = GenerationConfig(
-                do_sample=False, max_new_tokens=cfg.max_tokens, eos_token_id=stop, pad_token_id=pad,
-            )
             try:
                 with torch.no_grad():
                     out = model.generate(
