@@ -198,19 +198,19 @@ def test_vllm_request_rows_fan_out_one_request_per_sample():
 def test_vllm_output_rows_parse():
     base = {"row_id": 4, "chunk_id": 0, "sample_index": 2, "tokenized_prompt": [1, 2]}
     done = parse_output_row({**base, "generated_tokens": [7, 8, 2], "generated_text": "ab",
-                             "__inference_error__": ""}, [2], 16)
+                             "__inference_error__": ""}, [2])
     assert done == {"row_id": 4, "chunk_id": 0, "sample_index": 2, "sample_text": "ab", "sample_tokens": 2,
                     "sample_finished": True, "sample_error": None}
-    cut = parse_output_row({**base, "generated_tokens": np.array([7, 8, 9]), "generated_text": "abc"}, [2], 3)
+    cut = parse_output_row({**base, "generated_tokens": np.array([7, 8, 9]), "generated_text": "abc"}, [2])
     assert cut["sample_tokens"] == 3 and cut["sample_finished"] is False
-    err = parse_output_row({**base, "__inference_error__": "prompt too long", "generated_text": ""}, [2], 3)
+    err = parse_output_row({**base, "__inference_error__": "prompt too long", "generated_text": ""}, [2])
     assert err["sample_error"].startswith("generation error: prompt too long") and err["sample_text"] == ""
-    assert parse_output_row(done, [2], 16) == done  # idempotent: postprocess output passes again on the driver
+    assert parse_output_row(done, [2]) == done  # idempotent: postprocess output passes again on the driver
     # a block mixing parsed rows and error rows (which skip postprocess): columns of both, nulls
     mixed = {**base, "sample_text": None, "sample_tokens": None, "sample_finished": None, "sample_error": None,
              "__inference_error__": "boom", "generated_text": "", "generated_tokens": []}
-    assert parse_output_row(mixed, [2], 3)["sample_error"] == "generation error: boom"
-    assert parse_output_row({**done, "__inference_error__": None, "generated_text": None}, [2], 16) == done
+    assert parse_output_row(mixed, [2])["sample_error"] == "generation error: boom"
+    assert parse_output_row({**done, "__inference_error__": None, "generated_text": None}, [2]) == done
 
 
 def test_vllm_finished_only_on_a_stop_token():
@@ -218,13 +218,13 @@ def test_vllm_finished_only_on_a_stop_token():
     base = {"row_id": 0, "chunk_id": 0, "sample_index": 0, "__inference_error__": ""}
     # cut by the context (vLLM FINISHED_LENGTH_CAPPED at max_model_len): under max_tokens, no stop token
     capped = parse_output_row({**base, "generated_tokens": list(range(100, 196)), "generated_text": "cut mid-sen"},
-                              [2], 2048)
+                              [2])
     assert capped["sample_finished"] is False and capped["sample_tokens"] == 96
     # vLLM also stops on the generation_config.json EOS ids; they are in the stop ids, not counted
     row = {**base, "generated_tokens": [11, 12, 7], "generated_text": "ab"}
-    assert parse_output_row(row, [2, 7], 3) == {"row_id": 0, "chunk_id": 0, "sample_index": 0, "sample_text": "ab",
+    assert parse_output_row(row, [2, 7]) == {"row_id": 0, "chunk_id": 0, "sample_index": 0, "sample_text": "ab",
                                                 "sample_tokens": 2, "sample_finished": True, "sample_error": None}
-    assert parse_output_row({**row, "generated_tokens": [11, 7]}, [2, 7], 16)["sample_finished"] is True
+    assert parse_output_row({**row, "generated_tokens": [11, 7]}, [2, 7])["sample_finished"] is True
 
 
 def test_eos_ids_from_the_model_folder(tiny_models, tmp_path):
@@ -253,7 +253,7 @@ def test_vllm_processor_config_and_stages(ray_local, tiny_models):
     assert cfg.engine_kwargs["tensor_parallel_size"] == 2 and cfg.engine_kwargs["dtype"] == "bfloat16"
     assert cfg.engine_kwargs["max_model_len"] == 4096 and cfg.engine_kwargs["enable_prefix_caching"]
     assert cfg.should_continue_on_error and cfg.concurrency == 3 and cfg.batch_size == 32
-    proc = build_vllm_processor(kw, [2], 16, check=False)  # building needs no vLLM; running does
+    proc = build_vllm_processor(kw, [2], check=False)  # building needs no vLLM; running does
     assert proc.list_stage_names() == ["vLLMEngineStage"]  # chat template / tokenize / detokenize: prefsel's own
 
 

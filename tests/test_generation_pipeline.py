@@ -132,10 +132,10 @@ def test_vllm_backend_wiring_with_a_fake_engine(run_dirs, monkeypatch):
         if row["row_id"] == 4 and row["sample_index"] == 1:  # error rows skip postprocess, as in Ray
             return {**out, "__inference_error__": "boom", "generated_text": "", "generated_tokens": []}
         return parse_output_row({**out, "generated_text": f"seed {sp['seed']}", "generated_tokens": [5, 6, 2],
-                                 "__inference_error__": ""}, [2], 8)
+                                 "__inference_error__": ""}, [2])
 
     monkeypatch.setattr(vb, "require_vllm", lambda: None)
-    monkeypatch.setattr(vb, "build_vllm_processor", lambda kw, stops, mt, check=True: (lambda ds: ds.map(_fake_engine)))
+    monkeypatch.setattr(vb, "build_vllm_processor", lambda kw, stops, check=True: (lambda ds: ds.map(_fake_engine)))
     tmp = run_dirs["tmp"]
     cmd = [("vllm" if a == "hf" else a) for a in run_dirs["gen_cmd"]]
     assert main([*cmd, "--output", str(tmp / "genv")]) == 0

@@ -351,7 +351,6 @@ def _vllm_samples(cfg: GenerateConfig, usable, stop_ids: list[int]):
         gpu_memory_utilization=cfg.gpu_memory_utilization, trust_remote_code=cfg.trust_remote_code,
         accelerator_type=cfg.accelerator_type,
     )
-    processor = build_vllm_processor(kwargs, stop_ids, cfg.sampling.max_tokens)
+    processor = build_vllm_processor(kwargs, stop_ids)
     requests = usable.flat_map(request_rows, fn_kwargs=dict(cfg=cfg.sampling, stop_ids=stop_ids))
-    max_tokens = cfg.sampling.max_tokens
-    return processor(requests), (lambda row: parse_output_row(row, stop_ids, max_tokens))
+    return processor(requests), (lambda row: parse_output_row(row, stop_ids))

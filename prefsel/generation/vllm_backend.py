@@ -74,7 +74,7 @@ def request_rows(row: dict, cfg: SamplingConfig, stop_ids: list[int]) -> list[di
     ]
 
 
-def parse_output_row(row: dict, stop_ids: list[int], max_tokens: int) -> dict:
+def parse_output_row(row: dict, stop_ids: list[int]) -> dict:
     """One engine output row -> a sample row (SAMPLE_COLUMNS). Used as the processor's
     postprocess and again on the driver for error rows (which skip postprocess); idempotent.
 
@@ -83,8 +83,8 @@ def parse_output_row(row: dict, stop_ids: list[int], max_tokens: int) -> dict:
     generated_text, num_generated_tokens, ...), so a response cut by max_tokens or by the model's
     context (vLLM's FINISHED_LENGTH_CAPPED at max_model_len, maybe under max_tokens) is told apart
     only by its last token: `stop_ids` must hold every id vLLM stops on, i.e. `eos_ids(tokenizer,
-    model path)`, the generation_config.json EOS ids included. `max_tokens` is kept for the
-    postprocess signature; a response is never called finished for being short."""
+    model path)`, the generation_config.json EOS ids included; a response is never called
+    finished for being short."""
     base = {"row_id": int(row["row_id"]), "chunk_id": int(row["chunk_id"]), "sample_index": int(row["sample_index"])}
     err = row.get(ERROR_COLUMN)
     if not err and row.get("sample_text") is not None:  # already parsed (postprocess ran)
@@ -140,7 +140,7 @@ def processor_config_kwargs(
     return kw
 
 
-def build_vllm_processor(config_kwargs: dict, stop_ids: list[int], max_tokens: int, *, check: bool = True):
+def build_vllm_processor(config_kwargs: dict, stop_ids: list[int], *, check: bool = True):
     """The Ray Data LLM processor (vLLMEngineProcessorConfig + build_processor).
 
     Building needs no vLLM (Ray imports it in the engine actors); `check=False` lets tests build
@@ -154,6 +154,6 @@ def build_vllm_processor(config_kwargs: dict, stop_ids: list[int], max_tokens: i
     stops = list(stop_ids)
 
     def postprocess(row: dict) -> dict:
-        return parse_output_row(row, stops, max_tokens)
+        return parse_output_row(row, stops)
 
     return build_processor(config, preprocess=None, postprocess=postprocess)
