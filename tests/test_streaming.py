@@ -26,7 +26,20 @@ def _rows(n: int) -> list[dict]:
     return [base[i % len(base)] | {"n": i} for i in range(n)]
 
 
-def test_two_actors_both_score(ray_local, tiny_models, tmp_path):
+@pytest.fixture
+def pool_starts_whole(ray_local, monkeypatch):
+    """Ray Data starts feeding an actor pool as soon as one actor is up; on a loaded 2-core
+    machine the second one can come up after the first has taken every batch. Waiting for the
+    whole pool makes "both actors get rows" a property of the job, not of start-up timing. The
+    read stage's zero-CPU request is still what this checks: reads that took a CPU would find
+    none free once both actors hold theirs, and the job would stall (pytest-timeout)."""
+    from ray.data import DataContext
+
+    monkeypatch.setattr(DataContext.get_current(), "wait_for_min_actors_s", 600)
+    return ray_local
+
+
+def test_two_actors_both_score(pool_starts_whole, tiny_models, tmp_path):
     """Two 1-CPU actors on the 2-CPU local Ray: both get chunks (reads take no CPU of their own)."""
     rows = _rows(240)
     data = write_jsonl(tmp_path / "in.jsonl", rows)
@@ -41,7 +54,7 @@ def test_two_actors_both_score(ray_local, tiny_models, tmp_path):
     assert read_scores(out)["row_id"].to_pylist() == list(range(len(rows)))
 
 
-def test_annotate_two_actors_both_score(ray_local, tiny_models, tmp_path):
+def test_annotate_two_actors_both_score(pool_starts_whole, tiny_models, tmp_path):
     from prefsel.generation.annotate_job import AnnotateConfig, run_annotate
     from prefsel.generation.tiny_rm import build_tiny_reward_model
     from prefsel.models import load_tokenizer
@@ -135,7 +148,7 @@ def test_bad_json_array_is_a_clear_error(tmp_path, bad):
         plan_source(str(tmp_path / "x.json"), 4)
 
 
-def test_generate_two_actors_both_work(ray_local, tiny_models, tmp_path):
+def test_generate_two_actors_both_work(pool_starts_whole, tiny_models, tmp_path):
     from prefsel.cli import main
 
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Say something about {i}."} for i in range(24)])
@@ -148,7 +161,7 @@ def test_generate_two_actors_both_work(ray_local, tiny_models, tmp_path):
     assert len(s["rows_per_actor"]) == 2 and all(n > 0 for n in s["rows_per_actor"].values()), s["rows_per_actor"]
 
 
-def test_reference_precompute_two_actors_both_work(ray_local, tiny_models):
+def test_reference_precompute_two_actors_both_work(pool_starts_whole, tiny_models):
     """Training's reference precompute: the same actor base, a pool of --ref-actors."""
     from collections import Counter
 
@@ -159,7 +172,7 @@ def test_reference_precompute_two_actors_both_work(ray_local, tiny_models):
     tok = load_tokenizer(tiny_models[0])
     ids = tok("a fairly long prompt about the sea and the mountains " * 4)["input_ids"]
     rows = [{"row_id": i, "prompt_ids": ids, "response_ids": [ids[: 10 + i % 7], ids[: 5 + i % 3]],
-             "rewards": [], "margin": 0.0} for i in range(2048)]
+             "rewards": [], "margin": 0.0} for i in range(256)]
     cfg = TrainConfig("dpo", tiny_models[1], "d", "/tmp/unused", train_batch_size=8, ref_actors=2)
     out = precompute_reference(to_ray_dataset(rows), cfg, tok.pad_token_id).take_all()
     assert sorted(r["row_id"] for r in out) == list(range(len(rows)))
