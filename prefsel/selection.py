@@ -128,6 +128,11 @@ def band_positions(n: int, lo: float, hi: float) -> tuple[int, int]:
     return min(n, floor_share(n, lo)), min(n, floor_share(n, hi))
 
 
+def band_of(gaps: np.ndarray, lo: float, hi: float) -> tuple[int, int]:
+    """`band_positions` for the gaps that passed the filters: only the non-NaN ones are ranked."""
+    return band_positions(int(np.count_nonzero(~np.isnan(gaps))), lo, hi)
+
+
 def choose(
     row_ids: np.ndarray,
     gaps: np.ndarray,
@@ -177,7 +182,7 @@ def choose(
     elif strategy == "quantile-band":
         if band is None:
             raise ValueError("quantile-band needs (LO, HI)")
-        a, b = band_positions(int((~np.isnan(g)).sum()), *band)  # NaN sorts last: by_gap[:that] is ordered
+        a, b = band_of(g, *band)  # NaN sorts last: by_gap[:non-NaN count] is ordered
         keep = by_gap[a:b][:take]
     else:
         raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
@@ -375,7 +380,7 @@ def run_select(cfg: SelectConfig) -> dict:
         "top_k": cfg.top_k,
         "seed": cfg.seed if cfg.strategy == "random" else None,
         "band": list(cfg.band) if cfg.band else None,
-        "band_positions": list(band_positions(int((passed & ~np.isnan(gaps)).sum()), *cfg.band)) if cfg.band else None,
+        "band_positions": list(band_of(gaps[passed], *cfg.band)) if cfg.band else None,
         "cutoff_gap": json_gap(cuts[0]) if len(cuts) == 1 else ([json_gap(c) for c in cuts] or None),
         "gap_quantiles": {f"q{int(q * 100):02d}": float(np.quantile(finite, q)) for q in QUANTILES} if len(finite) else {},
         "selected_gap_mean": json_gap(sel_gaps.mean()) if len(idx) else None,

@@ -433,7 +433,12 @@ def _plan_json(fs, path, uri, row_start, chunk_rows, first_id) -> list[Chunk]:
     if text.startswith("{", i):
         if _is_json_lines(text, i):
             return _plan_jsonl(fs, path, uri, row_start, chunk_rows, first_id)
-        data = _load_whole_json(text, uri)
+        try:
+            data = _load_whole_json(text, uri)
+        except ValueError:
+            if not _line_is_object(text, _second_line(text, i)):
+                raise
+            data = None  # JSON lines with a broken first line: planned as JSON lines below
         if isinstance(data, dict) and data and all(isinstance(v, list) for v in data.values()):
             rows = _column_rows(data, uri)
             return [Chunk(first_id + c, "rows", uri, row_start + s, len(rows[s:s + chunk_rows]), s,
@@ -441,6 +446,8 @@ def _plan_json(fs, path, uri, row_start, chunk_rows, first_id) -> list[Chunk]:
         if isinstance(data, dict) and "\n" not in text[i:].strip():
             return _plan_jsonl(fs, path, uri, row_start, chunk_rows, first_id)  # one JSON line: one row
     if not text.startswith("[", i):
+        if _line_is_object(text, _second_line(text, i)):  # JSON lines whose first line is broken: its reject
+            return _plan_jsonl(fs, path, uri, row_start, chunk_rows, first_id)
         raise ValueError(f"--data: {uri} must hold a JSON array of objects (or use JSON lines, named .jsonl)")
     spans = _array_spans(text, i, uri)
     chunks, byte_pos, char_pos = [], bom, 0
@@ -459,13 +466,23 @@ def _is_json_lines(text: str, i: int) -> bool:
     JSON object and more follows on later lines. Neither valid JSON (one value) nor a
     pretty-printed object (its first line alone does not parse) looks like that."""
     eol = text.find("\n", i)
-    if eol < 0 or not text[eol:].strip():
-        return False
+    return eol >= 0 and bool(text[eol:].strip()) and _line_is_object(text, i)
+
+
+def _line_is_object(text: str, i: int) -> bool:
+    """Whether the line starting at `i` is, by itself, one whole JSON object."""
+    eol = text.find("\n", i)
     try:
-        first = json.loads(text[i:eol])
+        return isinstance(json.loads(text[i:] if eol < 0 else text[i:eol]), dict)
     except (ValueError, RecursionError):
         return False
-    return isinstance(first, dict)
+
+
+def _second_line(text: str, i: int) -> int:
+    """Where the first non-blank line after the one at `i` starts (len(text) when none). A
+    pretty-printed object's second line starts with a key or a `}`, never a whole object."""
+    eol = text.find("\n", i)
+    return len(text) if eol < 0 else _skip_ws(text, eol)
 
 
 def _load_whole_json(text: str, uri: str) -> Any:

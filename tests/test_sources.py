@@ -101,6 +101,12 @@ def test_json_lines_under_a_json_name_are_read_as_json_lines(tmp_path):
     # a bad line is that row's reject, as in any JSON lines file
     write_jsonl(tmp_path / "bad.json", [rows[0], "{not json", rows[1]])
     assert [r.error is None for r in _rows(plan_source(str(tmp_path / "bad.json")))] == [True, False, True]
+    # a broken FIRST line too: the second line says JSON lines (a pretty-printed object's never does)
+    for first in ("{not json", "not json", '{"prompt": "p", "chosen": "c",'):
+        for rest in ([rows[1]], [rows[1], rows[2]]):
+            write_jsonl(tmp_path / "bad_first.json", [first, *rest])
+            got = _rows(plan_source(str(tmp_path / "bad_first.json"), chunk_rows=2))
+            assert [r.record for r in got[1:]] == rest and got[0].error is not None, (first, got)
 
 
 def test_json_that_is_neither_one_value_nor_json_lines_names_the_file(tmp_path):

@@ -100,6 +100,31 @@ def test_logged_lr_is_the_rate_the_step_used():
     assert got[0] < got[1] < got[2] > got[7]  # warmup, then decay: the schedule is really moving
 
 
+def test_weight_decay_shrinks_matrices_never_norms_or_biases():
+    """AdamW at a zero gradient moves a parameter by weight decay alone: p <- p (1 - lr wd). The
+    matrices (embeddings, projections) shrink by that; norm scales and biases stay as they were."""
+    from prefsel.train.config import TrainConfig
+    from prefsel.train.strategy import make_optimizer
+
+    torch.manual_seed(0)
+    model = _tiny_lm()
+    model.model.layers[0].mlp.down_proj.bias = torch.nn.Parameter(torch.randn(16))  # a bias to keep
+    params = list(model.named_parameters())
+    before = {n: p.detach().clone() for n, p in params}
+    lr, wd = 1e-2, 0.5
+    cfg = TrainConfig("sft", "m", "d", "/tmp/unused", strategy="ddp", learning_rate=lr, weight_decay=wd)
+    opt = make_optimizer(cfg, [p for _, p in params], torch.device("cpu"))
+    for _, p in params:
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    vectors = {n for n, p in params if p.ndim == 1}
+    assert any("norm" in n for n in vectors) and any(n.endswith("bias") for n in vectors), vectors
+    for n, p in params:
+        want = before[n] if n in vectors else before[n] * (1 - lr * wd)
+        torch.testing.assert_close(p.detach(), want, rtol=0, atol=1e-7, msg=n)
+    assert sum(p.ndim >= 2 for _, p in params) >= 5  # embeddings, attention and MLP matrices shrank
+
+
 def test_sft_refuses_multi_response_data(toy, tmp_path):
     """Auto-detected multi-response data is refused (as by dpo and rm), not trained on responses[0]."""
     from prefsel.models import load_tokenizer

@@ -141,7 +141,22 @@ def lr_lambda(cfg, total_steps: int):
     return f
 
 
+def decay_groups(params: list[torch.nn.Parameter], weight_decay: float) -> list[dict]:
+    """AdamW parameter groups: matrices decay, vectors (biases, norm scales) do not, as in
+    OpenRLHF's and HF Trainer's optimizers; decaying a norm's scale pulls it to 0, not to the
+    identity. One group when nothing decays."""
+    if weight_decay == 0:
+        return [{"params": params, "weight_decay": 0.0}]
+    # under ZeRO-3 (zero.Init) a parameter is an empty shard; ds_shape is its real shape
+    matrix = [len(getattr(p, "ds_shape", p.shape)) >= 2 for p in params]
+    decay = [p for p, m in zip(params, matrix) if m]
+    keep = [p for p, m in zip(params, matrix) if not m]
+    return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0})
+            if g["params"]]
+
+
 def make_optimizer(cfg, params, device: torch.device):
+    params = decay_groups(list(params), cfg.weight_decay)
     if cfg.strategy == "deepspeed" and cfg.offload_optimizer:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
