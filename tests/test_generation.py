@@ -187,8 +187,11 @@ def test_vllm_request_rows_fan_out_one_request_per_sample():
         assert r["row_id"] == 12 and r["chunk_id"] == 3 and r["tokenized_prompt"] == [1, 5, 6]
         sp = r["sampling_params"]
         # n=1: Ray's vLLM stage keeps outputs[0] only, so n>1 would lose samples
-        assert sp == {"n": 1, "temperature": 0.9, "top_p": 0.95, "max_tokens": 2048, "seed": sample_seed(7, 12, k),
-                      "stop_token_ids": [2, 9], "skip_special_tokens": True, "detokenize": True}
+        # every other filter and penalty off, as the hf backend's sampler (temperature, top-p only)
+        assert sp == {"n": 1, "temperature": 0.9, "top_p": 0.95, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0,
+                      "presence_penalty": 0.0, "frequency_penalty": 0.0, "min_tokens": 0, "max_tokens": 2048,
+                      "seed": sample_seed(7, 12, k), "stop_token_ids": [2, 9], "skip_special_tokens": True,
+                      "detokenize": True}
         assert "prompt" not in r and "messages" not in r  # no second template / tokenization
     assert len({r["sampling_params"]["seed"] for r in rows}) == 4
     assert request_rows({"row_id": 1, "chunk_id": 0, "prompt_ids": [], "reason": "field 'prompt': empty"}, cfg, [2]) == []

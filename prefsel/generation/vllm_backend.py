@@ -40,11 +40,21 @@ def require_vllm() -> None:
 
 
 def sampling_params(cfg: SamplingConfig, seed: int, stop_ids: list[int]) -> dict:
-    """vllm.SamplingParams kwargs of one sample (n=1: Ray's engine stage keeps outputs[0] only)."""
+    """vllm.SamplingParams kwargs of one sample (n=1: Ray's engine stage keeps outputs[0] only).
+
+    Every filter and penalty is set to off, as the hf backend's sampler has none: temperature
+    and top-p alone choose a token, whatever defaults a vLLM release or a model's
+    generation_config.json would bring (top_k 0 is off from vLLM 0.9; prefsel needs 0.10)."""
     return {
         "n": 1,
         "temperature": float(cfg.temperature),
         "top_p": float(cfg.top_p),
+        "top_k": 0,
+        "min_p": 0.0,
+        "repetition_penalty": 1.0,
+        "presence_penalty": 0.0,
+        "frequency_penalty": 0.0,
+        "min_tokens": 0,
         "max_tokens": int(cfg.max_tokens),
         "seed": int(seed),
         "stop_token_ids": [int(t) for t in stop_ids],
