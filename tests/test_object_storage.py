@@ -333,3 +333,20 @@ def test_s3_keys_with_escapes_and_a_foreign_prefix(s3):
     assert _keys(client, "foreign/") == ["foreign/scores/part-000000.parquet"]
     out = RunOutput(f"s3://{BUCKET}/foreign", {"fp": 1}, kind="scores", overwrite=True)
     assert out.done_chunks() == set()
+
+
+def test_datasets_save_to_disk_folder_on_s3_is_read(s3):
+    """A `datasets` save_to_disk folder (a DatasetDict, --split choosing) on s3:// is recognised
+    by its files and read through s3fs, every row once, in order."""
+    import datasets
+
+    from prefsel.sources import plan_source, read_chunk
+
+    rows = [r for r in _rows() if isinstance(r, dict) and "chosen" in r][:7]
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows),
+                          "test": datasets.Dataset.from_list(rows[:2])}).save_to_disk(f"s3://{BUCKET}/hf")
+    plan = plan_source(f"s3://{BUCKET}/hf", 3, split="train")
+    assert plan.kind == "hf_disk" and plan.num_rows == 7 and len(plan.chunks) == 3
+    assert [{k: r.record[k] for k in rows[0]} for c in plan.chunks for r in read_chunk(c)] == rows
+    with pytest.raises(ValueError, match=r"has splits \['train', 'test'\]; choose one with --split"):
+        plan_source(f"s3://{BUCKET}/hf", 3, split="validation")
