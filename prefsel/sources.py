@@ -436,9 +436,9 @@ def _plan_json(fs, path, uri, row_start, chunk_rows, first_id) -> list[Chunk]:
         try:
             data = _load_whole_json(text, uri)
         except ValueError:
-            if not _line_is_object(text, _second_line(text, i)):
+            if not _next_line_is_object(text, i):
                 raise
-            data = None  # JSON lines with a broken first line: planned as JSON lines below
+            return _plan_jsonl(fs, path, uri, row_start, chunk_rows, first_id)  # a broken first line: its reject
         if isinstance(data, dict) and data and all(isinstance(v, list) for v in data.values()):
             rows = _column_rows(data, uri)
             return [Chunk(first_id + c, "rows", uri, row_start + s, len(rows[s:s + chunk_rows]), s,
@@ -446,7 +446,7 @@ def _plan_json(fs, path, uri, row_start, chunk_rows, first_id) -> list[Chunk]:
         if isinstance(data, dict) and "\n" not in text[i:].strip():
             return _plan_jsonl(fs, path, uri, row_start, chunk_rows, first_id)  # one JSON line: one row
     if not text.startswith("[", i):
-        if _line_is_object(text, _second_line(text, i)):  # JSON lines whose first line is broken: its reject
+        if _next_line_is_object(text, i):  # JSON lines whose first line is no object at all: its reject
             return _plan_jsonl(fs, path, uri, row_start, chunk_rows, first_id)
         raise ValueError(f"--data: {uri} must hold a JSON array of objects (or use JSON lines, named .jsonl)")
     spans = _array_spans(text, i, uri)
@@ -478,11 +478,12 @@ def _line_is_object(text: str, i: int) -> bool:
         return False
 
 
-def _second_line(text: str, i: int) -> int:
-    """Where the first non-blank line after the one at `i` starts (len(text) when none). A
-    pretty-printed object's second line starts with a key or a `}`, never a whole object."""
+def _next_line_is_object(text: str, i: int) -> bool:
+    """Whether the first non-blank line after the one at `i` is a whole JSON object: JSON lines
+    whose first line is broken. A pretty-printed object's second line starts with a key or a
+    `}`, never a whole object."""
     eol = text.find("\n", i)
-    return len(text) if eol < 0 else _skip_ws(text, eol)
+    return eol >= 0 and _line_is_object(text, _skip_ws(text, eol))
 
 
 def _load_whole_json(text: str, uri: str) -> Any:
