@@ -76,24 +76,35 @@ def refuse_overlap(output: str, inputs: Iterable[tuple[str, str | None]]) -> Non
                              "--output apart from the inputs")
 
 
-def fingerprint_diff(old: dict, new: dict) -> str:
+def fingerprint_diff(old: dict, new: dict, since: str = "the unfinished run") -> str:
     """What differs between two fingerprints, in words: a switched --hash-inputs first (the input
-    stamps are then of different kinds and always differ), then changed input files."""
+    stamps are then of different kinds and always differ), then changed input files, then every
+    other differing entry with its two values."""
     if bool(old.get("hash_inputs")) != bool(new.get("hash_inputs")):
         was, now = ("on", "off") if old.get("hash_inputs") else ("off", "on")
         return (f"--hash-inputs was {was} for the unfinished run and is {now} now: input files are "
                 "stamped by content hash with it and by size + mtime without, so the stamps cannot "
                 f"be compared; rerun with --hash-inputs {was}")
+    said, keys = [], sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     old_data, new_data = old.get("data"), new.get("data")
-    if isinstance(old_data, dict) and isinstance(new_data, dict):
+    if isinstance(old_data, dict) and isinstance(new_data, dict) and "data" in keys:
         changed = [f for f in new_data if f in old_data and old_data[f] != new_data[f]]
         if changed:
-            return "input file changed since the unfinished run: " + ", ".join(
-                f"{f} ({old_data[f]} -> {new_data[f]})" for f in changed[:3])
-        if set(old_data) != set(new_data):
-            return f"input files differ: {sorted(set(old_data) ^ set(new_data))[:5]}"
-    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    return "differs in: " + ", ".join(keys)
+            said.append(f"input file changed since {since}: " + ", ".join(
+                f"{f} ({old_data[f]} -> {new_data[f]})" for f in changed[:3]))
+        else:
+            said.append(f"input files differ: {sorted(set(old_data) ^ set(new_data))[:5]}")
+        keys.remove("data")
+    if keys:
+        said.append(("also " if said else "") + "differs in: " + ", ".join(_change(k, old.get(k), new.get(k))
+                                                                          for k in keys))
+    return "; ".join(said)
+
+
+def _change(key: str, was: Any, now: Any) -> str:
+    """`key (was -> now)`, or the bare key when a value is too long to read in one line."""
+    a, b = json.dumps(was, default=str), json.dumps(now, default=str)
+    return f"{key} ({a} -> {b})" if len(a) + len(b) <= 120 else key
 
 
 def shard_chunk_id(name: str, suffix: str) -> int | None:

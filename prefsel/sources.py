@@ -329,6 +329,14 @@ def _list_files(data: str) -> tuple[pafs.FileSystem, list[str], str]:
     return fs, [path], "missing"
 
 
+def data_files(data: str) -> list[str]:
+    """The files `data` names (a file, folder, glob, prefsel output or `datasets` folder), as
+    plan_source lists them but without reading any: `[data]` itself for a hub name (or a path
+    that does not exist, which the reader refuses)."""
+    fs, files, _ = _list_files(data)
+    return [_uri(fs, f, data) for f in files]
+
+
 def plan_source(data: str, chunk_rows: int = DEFAULT_CHUNK_ROWS, split: str = "train") -> SourcePlan:
     """List the input and cut it into chunks with global row ids (one cheap pass over JSON lines)."""
     fs, files, how = _list_files(data)
@@ -520,8 +528,10 @@ def _array_spans(text: str, i: int, uri: str) -> list[tuple[int, int]]:
     while not text.startswith("]", i):
         try:
             _, end = decoder.raw_decode(text, i)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--data: {uri} is not valid JSON: {e}") from None
+        except json.JSONDecodeError as e:  # the array's extent is unknown past here: no row can be trusted
+            raise ValueError(f"--data: {uri} is not valid JSON: element {len(spans)} of the array (0-based): {e}; "
+                             "nothing was read (a broken line of JSON lines, named .jsonl, is only that "
+                             "row's reject)") from None
         except (RecursionError, ValueError):  # too deep, or an integer of over 4300 digits: that row's reject
             end = _value_end(text, i, uri)
         spans.append((i, end))

@@ -163,6 +163,12 @@ def test_a_new_run_refuses_a_used_storage_folder_and_overwrite_starts_afresh(ray
     with pytest.raises(FileExistsError, match=f"run folder {store}/train .*--resume.*--overwrite"):
         _run(b)
     assert (store / "train" / "checkpoint_00000002").is_dir() and not (tmp_path / "b").exists()  # nothing touched
+    # --resume would continue A's checkpoint on B's rows, seed and rate: refused, every difference named
+    with pytest.raises(ValueError, match=rf"--resume: the run in {store}/train was started with other settings "
+                       rf"\(input files differ: .*b\.jsonl.*; also differs in: learning_rate \(0\.003 -> 0\.001\), "
+                       rf"seed \(3 -> 7\)\)"):
+        _run([*b, "--learning-rate", "1e-3", "--resume"])
+    assert not (tmp_path / "b").exists()
     s = _run([*b, "--overwrite"])
     assert s["resumed_from_step"] == 0 and s["steps"] == 2
     from safetensors.torch import load_file
@@ -241,6 +247,42 @@ def test_used_s3_output_or_storage_is_refused_or_replaced(s3, tmp_path):
     assert _keys(client, "used/store/") == ["used/store/run1/checkpoint_00000002/train_state.json"]
     _prepare_output(TrainConfig("dpo", "m", "d", local, storage_path=store, run_name="run1", overwrite=True))
     assert _keys(client, "used/store/run1/") == []  # (pyarrow leaves a marker for the parent, used/store/)
+
+
+def test_resume_must_match_the_runs_trajectory_but_not_how_it_is_executed(s3, tmp_path):
+    """The fingerprint a run leaves in its run folder (here on s3://): a --resume that changes
+    what the run computes is refused, naming the change; how it runs may change. Under ZeRO the
+    worker count is part of it (each rank restores its own optimizer partition), under DDP not."""
+    from prefsel.train.config import TrainConfig
+    from prefsel.train.job import FINGERPRINT, _prepare_output, _write_fingerprint
+
+    client, _ = s3
+    store, local = f"s3://{BUCKET}/fp/store", str(tmp_path / "out")
+
+    def cfg(data="d", **kw):
+        return TrainConfig("dpo", "m", data, local, storage_path=store, train_batch_size=8, **kw)
+
+    _write_fingerprint(cfg(num_workers=2))
+    assert f"fp/store/train/{FINGERPRINT}" in _keys(client, "fp/store/train/")
+    _prepare_output(cfg(num_workers=2, micro_train_batch_size=4, packing=False, max_steps=9, save_steps=3,
+                        gradient_checkpointing=True, logging_steps=5, resume=True))
+    for change, said in (({"num_workers": 1}, r"num_workers \(2 -> 1\)"),
+                         ({"num_workers": 2, "epochs": 2}, r"epochs \(1 -> 2\)"),
+                         ({"num_workers": 2, "beta": 0.5, "loss_type": "ipo"},
+                          r"beta \(0\.1 -> 0\.5\), loss_type \(\"sigmoid\" -> \"ipo\"\)")):
+        with pytest.raises(ValueError, match=rf"--resume: the run in {store}/train .*differs in: {said}\)"):
+            _prepare_output(cfg(**change, resume=True))
+    _write_fingerprint(cfg(strategy="ddp", num_workers=2))
+    _prepare_output(cfg(strategy="ddp", num_workers=1, resume=True))  # DDP: rank 0's state serves any count
+    # the data is stamped file by file, a glob's files too: the one rewritten is named
+    for i in (1, 2):
+        _write(tmp_path / f"part{i}.jsonl", toy_pairs(4, i))
+    glob = str(tmp_path / "part*.jsonl")
+    _write_fingerprint(cfg(glob, strategy="ddp"))
+    _prepare_output(cfg(glob, strategy="ddp", resume=True))
+    _write(tmp_path / "part2.jsonl", toy_pairs(5, 2))
+    with pytest.raises(ValueError, match=r"input file changed since it started: \S*/part2\.jsonl \("):
+        _prepare_output(cfg(glob, strategy="ddp", resume=True))
 
 
 def test_s3_output_gets_summary_metrics_and_tensorboard(s3, toy, tmp_path):

@@ -73,6 +73,70 @@ def _delete_folder(uri: str) -> None:
     fs.delete_dir(path)
 
 
+# ---- what a resumed run must share with the run it continues ---------------------------------
+
+FINGERPRINT = "prefsel_fingerprint.json"  # in the Ray Train run folder, beside the checkpoints
+
+# The settings that decide a run's trajectory: the data and its order (seed, batch), the
+# objective, the optimizer and its schedule (epochs set the schedule; --max-steps only stops, so
+# a resume may raise it), and what a checkpoint's layout depends on. How a run is executed
+# (micro-batch, packing, attention, offload, logging, eval, checkpoint cadence) may change.
+TRAJECTORY_SETTINGS = (
+    "task", "format", "split", "max_length", "truncation", "margin_column", "bf16",
+    "lora_rank", "lora_alpha", "lora_dropout", "target_modules",
+    "learning_rate", "weight_decay", "adam_betas", "lr_scheduler", "min_lr_ratio", "lr_warmup_ratio",
+    "max_norm", "epochs", "train_batch_size", "seed",
+    "beta", "loss_type", "label_smoothing", "center_coef", "hps_mode", "gamma", "gamma_start", "gamma_end",
+    "hps_negatives", "strategy", "zero_stage",
+)
+
+
+def train_fingerprint(cfg: TrainConfig) -> dict:
+    """What a --resume must match: the data's stamp, the models' and tokenizer's stamps, the chat
+    template, TRAJECTORY_SETTINGS, and the worker count under ZeRO (each rank restores its own
+    optimizer partition; DeepSpeed cannot re-partition them for another count)."""
+    from prefsel.jobs import chat_template_stamp, input_stamps, model_stamp
+    from prefsel.sources import data_files
+
+    d = cfg.to_dict()
+    return {
+        "data": input_stamps(data_files(cfg.data)),
+        "model": model_stamp(cfg.model),
+        **({"ref_model": model_stamp(cfg.reference_path)} if cfg.needs_reference else {}),
+        "tokenizer": model_stamp(cfg.tokenizer_path),
+        "chat_template": chat_template_stamp(cfg.chat_template),
+        **{k: d[k] for k in TRAJECTORY_SETTINGS},
+        **({"num_workers": cfg.num_workers} if cfg.strategy == "deepspeed" and cfg.zero_stage >= 1 else {}),
+    }
+
+
+def _check_resumed_run(cfg: TrainConfig) -> None:
+    """Refuse a --resume whose settings differ from those the run was started with: Ray Train
+    would restore its checkpoint and train on, a mix of two runs under one name. A run folder
+    without a fingerprint (no run there yet, or one of an older prefsel) passes."""
+    from prefsel.run_output import exists, fingerprint_diff, read_json
+    from prefsel.sources import filesystem_for
+
+    fs, run = filesystem_for(cfg.run_uri)
+    path = posixpath.join(run, FINGERPRINT)
+    if not exists(fs, path):
+        return
+    old, new = read_json(fs, path), train_fingerprint(cfg)
+    if old != new:
+        changes = fingerprint_diff(old, new, since="it started")
+        raise ValueError(f"--resume: the run in {cfg.run_uri} was started with other settings ({changes}); "
+                         "pass the flags it was started with, or --overwrite to start afresh")
+
+
+def _write_fingerprint(cfg: TrainConfig) -> None:
+    from prefsel.run_output import write_text
+    from prefsel.sources import filesystem_for
+
+    fs, run = filesystem_for(cfg.run_uri)
+    fs.create_dir(run, recursive=True)
+    write_text(fs, posixpath.join(run, FINGERPRINT), json.dumps(train_fingerprint(cfg), indent=1))
+
+
 def _prepare_output(cfg: TrainConfig) -> None:
     """Refuse (or, with --overwrite, delete) what an earlier run left, unless --resume.
 
@@ -87,6 +151,7 @@ def _prepare_output(cfg: TrainConfig) -> None:
     refuse_overlap(cfg.output, [("--model", cfg.model), ("--ref-model", cfg.ref_model), ("--tokenizer", cfg.tokenizer),
                                 ("--data", cfg.data), ("--eval-data", cfg.eval_data)])
     if cfg.resume:
+        _check_resumed_run(cfg)
         if is_local_uri(cfg.output):
             os.makedirs(cfg.output, exist_ok=True)
         return
@@ -174,6 +239,8 @@ def run_train(cfg: TrainConfig) -> dict:
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=[]),
     )
+    if not cfg.local_mode:  # local mode keeps no checkpoints: nothing to resume
+        _write_fingerprint(cfg)
     result = trainer.fit()
     wall = time.time() - t0
     out_fs, out_dir = filesystem_for(cfg.output)
