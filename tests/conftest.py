@@ -16,10 +16,13 @@ import pytest
 
 @pytest.fixture(scope="session")
 def ray_local():
+    """The local Ray every command starts when RAY_ADDRESS is unset (prefsel.jobs.init_ray: on
+    127.0.0.1 only, with the dashboard whose State API Ray Train's cleaner polls), on 2 CPUs."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from prefsel.jobs import init_ray
+
+    init_ray(num_cpus=2)
     yield ray
     ray.shutdown()
 

@@ -40,9 +40,11 @@ def _free_port() -> int:
 
 def _start_ray(ray) -> None:
     """A local Ray like the session's (tests/conftest.py `ray_local`), started from this environment."""
+    from prefsel.jobs import init_ray
+
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    init_ray(num_cpus=2)
 
 
 @pytest.fixture(scope="module")

@@ -140,6 +140,12 @@ def test_json_edge_files_lose_no_row_and_crash_nothing(tmp_path):
         rows = _rows(plan_source(str(tmp_path / "big.json"), chunk_rows=chunk_rows))
         assert [r.row_id for r in rows] == [0, 1, 2] and [r.record for r in rows[::2]] == [ROW, ROW]
         assert rows[1].record is None and rows[1].error.startswith("row: invalid JSON: Exceeds the limit")
+    # a syntax error inside the array: where the next element starts is unknown, so nothing is
+    # read, and the error names the element (a JSON lines file would reject that line only)
+    (tmp_path / "broken.json").write_text(f"[{json.dumps(ROW)},\n {json.dumps(ROW)},\n {{\"prompt\": }},\n {json.dumps(ROW)}]")
+    with pytest.raises(ValueError, match=r"broken\.json is not valid JSON: element 2 of the array .*Expecting "
+                                         r"value: line 3 .*nothing was read.*\.jsonl"):
+        plan_source(str(tmp_path / "broken.json"))
     (tmp_path / "utf8.json").write_bytes(b'[{"prompt": "\xff"}]')
     with pytest.raises(ValueError, match=r"utf8\.json: invalid UTF-8 at byte 13"):
         plan_source(str(tmp_path / "utf8.json"))
