@@ -380,6 +380,26 @@ def test_choose_pair_strategies():
         choose_pair([1.0], "hps")
 
 
+def test_a_response_tied_with_the_best_is_never_its_negative():
+    """A tie states no preference: the HPS public code's sampler would pair "A" with "A" here
+    (gamma > 0 makes the tie the likeliest draw); only responses rated below the best are drawn,
+    with the same draw as before for a row where nothing ties with the best."""
+    r = [1.0, 1.0, -1.0]
+    assert {choose_pair(r, "hps", gamma=5.0, seed=0, row_id=i) for i in range(300)} == {(0, 2)}
+    assert choose_pair(r, "best-worst") == (0, 2)
+    from prefsel.losses import hps_sample_negative
+
+    untied = [0.3, 2.0, 1.9, -3.0, 0.5]
+    for i in range(300):
+        assert choose_pair(untied, "hps", gamma=2.0, seed=4, row_id=i) == \
+            hps_sample_negative(untied, 2.0, np.random.default_rng([4, i]))
+    for strategy in ("hps", "best-worst"):
+        with pytest.raises(RowError, match="field 'rewards': all 3 responses tie at 0.5: no pair states a preference"):
+            choose_pair([0.5, 0.5, 0.5], strategy)
+    # a row's own negative row_id (numpy seeds refuse negatives): folded, not an unexpected error
+    assert choose_pair(untied, "hps", row_id=-1) == choose_pair(untied, "hps", row_id=2**64 - 1)
+
+
 def test_make_pair_and_rejects():
     rec = {"prompt": [{"role": "user", "content": "q"}], "responses": ["a", "b", "c"], "rewards": [0.0, 1.0, 0.5],
            "response_tokens": [1, 1, 1], "src": "s"}

@@ -177,6 +177,24 @@ def test_a_new_run_refuses_a_used_storage_folder_and_overwrite_starts_afresh(ray
     assert any(not torch.equal(wa[k], wb[k]) for k in wa)  # B's own weights, not A's
 
 
+def test_a_run_that_failed_before_any_checkpoint_resumes_with_other_settings(ray_local, toy, tmp_path, monkeypatch):
+    """A run that dies before its first checkpoint has nothing to resume: its fingerprint is
+    dropped, so the corrected command's --resume is not refused for the settings it changed."""
+    from prefsel.train.job import FINGERPRINT
+    from test_train import _fail_once_after_step
+
+    data = _write(tmp_path / "d.jsonl", toy_pairs(16, 10))
+    argv = [*_args("dpo", toy, tmp_path / "out", "--data", data), *FAST, "--max-steps", "2"]
+    with monkeypatch.context() as m:
+        _fail_once_after_step(m, 1, str(tmp_path / "_failed"))  # no --save-steps: no checkpoint at step 1
+        with pytest.raises(Exception, match="injected failure after step 1"):
+            _run(argv)
+    assert not (tmp_path / "out" / "train" / FINGERPRINT).exists()
+    s = _run([*argv, "--learning-rate", "1e-3", "--resume"])
+    assert s["resumed_from_step"] == 0 and s["steps"] == 2
+    assert (tmp_path / "out" / "train" / FINGERPRINT).exists()
+
+
 def test_zero3_with_an_online_reference_trains(ray_local, toy, tmp_path):
     """ZeRO-3 loads the policy into shards (HfDeepSpeedConfig); the frozen online reference must
     not be partitioned with it. At step 1 the policy is the reference: every margin is 0."""
@@ -247,6 +265,49 @@ def test_used_s3_output_or_storage_is_refused_or_replaced(s3, tmp_path):
     assert _keys(client, "used/store/") == ["used/store/run1/checkpoint_00000002/train_state.json"]
     _prepare_output(TrainConfig("dpo", "m", "d", local, storage_path=store, run_name="run1", overwrite=True))
     assert _keys(client, "used/store/run1/") == []  # (pyarrow leaves a marker for the parent, used/store/)
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"train_batch_size": 0}, "--train-batch-size must be >= 1"),
+    ({"adam_betas": (0.9, 1.0)}, r"--adam-betas must be two numbers in \[0, 1\)"),
+    ({"weight_decay": -0.1}, "--weight-decay must be >= 0"),
+    ({"min_lr_ratio": -1.0}, r"--min-lr-ratio must be in \[0, 1\]"),
+    ({"min_lr_ratio": 1.5}, r"--min-lr-ratio must be in \[0, 1\]"),
+    ({"learning_rate": float("nan")}, "--learning-rate must be > 0"),
+    ({"ref_actors": 0}, "--ref-actors must be >= 1"),
+    ({"ref_batch_tokens": 0}, "--ref-batch-tokens must be >= 1"),
+    ({"cpus_per_worker": 0}, "--cpus-per-worker must be > 0"),
+    ({"zero_stage": 0, "offload_optimizer": True}, "--offload-optimizer needs --zero-stage 1, 2 or 3"),
+    ({"strategy": "ddp", "offload_optimizer": True}, "need --strategy deepspeed"),
+    ({"strategy": "ddp", "zero_stage": 3, "offload_param": True}, "need --strategy deepspeed"),
+])
+def test_settings_the_workers_would_fail_on_are_refused_in_the_driver(kw, message):
+    """Each of these failed only inside the Ray Train workers (torch's AdamW, DeepSpeed's CPU Adam
+    with the parameters on the GPU, a Ray resource request), after the data was tokenized and the
+    reference precomputed, or trained on silently (a negative or rising LR floor, offload flags
+    DDP ignores)."""
+    from prefsel.train.config import TrainConfig
+
+    with pytest.raises(ValueError, match=message):
+        TrainConfig("dpo", "m", "d", "/o", **{"train_batch_size": 8, **kw})
+
+
+def test_hps_negatives_is_refused_in_sample_mode():
+    from prefsel.train.config import TrainConfig
+
+    with pytest.raises(ValueError, match="--hps-negatives applies to --hps-mode loss"):
+        TrainConfig("hps", "m", "d", "/o", hps_negatives=2, train_batch_size=8)
+    TrainConfig("hps", "m", "d", "/o", hps_negatives=2, hps_mode="loss", train_batch_size=8)
+
+
+def test_every_train_setting_is_either_fingerprinted_or_free_on_resume():
+    from dataclasses import fields
+
+    from prefsel.train.config import TrainConfig
+    from prefsel.train.job import RESUMABLE_SETTINGS, TRAJECTORY_SETTINGS
+
+    assert not set(TRAJECTORY_SETTINGS) & set(RESUMABLE_SETTINGS)
+    assert sorted((*TRAJECTORY_SETTINGS, *RESUMABLE_SETTINGS)) == sorted(f.name for f in fields(TrainConfig))
 
 
 def test_resume_must_match_the_runs_trajectory_but_not_how_it_is_executed(s3, tmp_path):

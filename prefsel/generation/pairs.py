@@ -1,12 +1,14 @@
 """`prefsel to-pairs`: multi-response rows with rewards -> preference pairs (pure; no Ray).
 
 Strategies (choice made by prefsel.losses, the code the HPS trainer uses):
-  hps         chosen = best reward (ties: lowest index); rejected drawn among the others with
-              P(j) ∝ exp(gamma * r_j) (hps_sample_negative) — the HPS public code's pair
-              construction. gamma > 0 favours hard negatives, 0 is uniform, < 0 easy ones.
-              Seeded per row: rng = default_rng([seed, row_id]), so the pair of a row does not
+  hps         chosen = best reward (ties: lowest index); rejected drawn among the responses
+              rated below it with P(j) ∝ exp(gamma * r_j) (hps_sample_negative) — the HPS
+              public code's pair construction, less its pairs of two tied responses. gamma > 0
+              favours hard negatives, 0 is uniform, < 0 easy ones. Seeded per row:
+              rng = default_rng([seed mod 2^32, row_id mod 2^64]), so the pair of a row does not
               depend on the order, sharding or the other rows.
-  best-worst  chosen = best, rejected = worst (ties: the last lowest among the non-best).
+  best-worst  chosen = best, rejected = worst (ties: the last lowest).
+A row whose responses all tie is rejected (no pair of it states a preference).
 Output rows: row_id, prompt (string or messages, as given), chosen, rejected, chosen_reward,
 rejected_reward, chosen_index, rejected_index, and the row's other fields — the `pairs`
 format that `prefsel score/select` and DPO training read.
@@ -31,18 +33,26 @@ _DROP = ("row_id", "responses", "rewards", "response_tokens", "finished")
 
 
 def choose_pair(rewards, strategy: str, *, gamma: float = 1.0, seed: int = 0, row_id: int = 0) -> tuple[int, int]:
-    """(chosen index, rejected index) of one row."""
+    """(chosen index, rejected index) of one row. Only a response rated below the best is a
+    negative: one tied with it states no preference (as a pair it is noise, and the same text
+    twice is a pair with no gradient), so a row whose responses all tie is a reject."""
     r = np.asarray(rewards, dtype=np.float64)
     if r.size < 2:
         raise RowError(f"field 'responses': need at least 2 responses to make a pair, got {r.size}")
-    if strategy == "hps":
-        return hps_sample_negative(r, gamma, np.random.default_rng([int(seed) & 0xFFFFFFFF, int(row_id)]))
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
+    chosen = hps_select_chosen(r)
+    lower = np.flatnonzero(r < r[chosen])
+    if lower.size == 0:
+        raise RowError(f"field 'rewards': all {r.size} responses tie at {r[chosen]:.6g}: no pair states a preference")
     if strategy == "best-worst":
-        chosen = hps_select_chosen(r)
-        others = np.array([j for j in range(r.size) if j != chosen])
-        low = r[others].min()
-        return chosen, int(others[r[others] == low][-1])
-    raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
+        return chosen, int(lower[r[lower] == r[lower].min()][-1])
+    # hps: the sampler on the best and the responses below it (the same draw as on the whole row
+    # when nothing ties with the best); row ids are folded to the seed's range (a negative id too)
+    keep = np.concatenate([[chosen], lower])
+    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(row_id) % 2**64])
+    c, j = hps_sample_negative(r[keep], gamma, rng)
+    return int(keep[c]), int(keep[j])
 
 
 def make_pair(record: dict, row_id: int, strategy: str, *, gamma: float = 1.0, seed: int = 0,

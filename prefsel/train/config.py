@@ -148,7 +148,17 @@ class TrainConfig:
             (all(g is None or math.isfinite(g) for g in (self.gamma, self.gamma_start, self.gamma_end)),
              "--gamma, --gamma-start and --gamma-end must be finite numbers"),
             (self.seed >= 0, "--seed must be >= 0 (numpy seeds the HPS draws and the epoch order with it)"),
-            (self.learning_rate > 0, "--learning-rate must be > 0"),
+            (math.isfinite(self.learning_rate) and self.learning_rate > 0, "--learning-rate must be > 0"),
+            # torch's AdamW refuses these too, but only in the workers, after the data and the
+            # reference precompute; an LR floor outside [0, 1] gives negative or rising rates
+            (self.adam_betas is not None and len(self.adam_betas) == 2 and all(0.0 <= b < 1.0 for b in self.adam_betas),
+             "--adam-betas must be two numbers in [0, 1)"),
+            (math.isfinite(self.weight_decay) and self.weight_decay >= 0, "--weight-decay must be >= 0"),
+            (0.0 <= self.min_lr_ratio <= 1.0, "--min-lr-ratio must be in [0, 1]"),
+            (self.train_batch_size >= 1, "--train-batch-size must be >= 1"),
+            (self.ref_actors >= 1, "--ref-actors must be >= 1"),
+            (self.ref_batch_tokens >= 1, "--ref-batch-tokens must be >= 1"),
+            (self.cpus_per_worker > 0, "--cpus-per-worker must be > 0"),
             (self.epochs >= 1, "--epochs must be >= 1"),
             (self.max_steps is None or self.max_steps >= 1, "--max-steps must be >= 1"),
             (self.num_workers >= 1, "--num-workers must be >= 1"),
@@ -168,6 +178,12 @@ class TrainConfig:
             (self.center_coef >= 0, "--center-coef must be >= 0"),
             (self.lora_rank >= 0, "--lora-rank must be >= 0"),
             (not (self.offload_param and self.zero_stage != 3), "--offload-param needs --zero-stage 3"),
+            # without ZeRO DeepSpeed keeps the parameters on the GPU, where its CPU Adam refuses them
+            (not (self.offload_optimizer and self.zero_stage == 0), "--offload-optimizer needs --zero-stage 1, 2 or 3"),
+            (not ((self.offload_optimizer or self.offload_param) and self.strategy != "deepspeed"),
+             "--offload-optimizer / --offload-param need --strategy deepspeed (DDP offloads nothing)"),
+            (self.hps_negatives is None or self.hps_mode == "loss",
+             "--hps-negatives applies to --hps-mode loss (sample mode draws one negative per row)"),
             # DeepSpeed without ZeRO keeps bf16 weights and accumulates in bf16 (no float32 master
             # copy), and refuses the float32 accumulation the other stages get
             (not (self.bf16 and self.strategy == "deepspeed" and self.zero_stage == 0),

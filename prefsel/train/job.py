@@ -87,7 +87,18 @@ TRAJECTORY_SETTINGS = (
     "learning_rate", "weight_decay", "adam_betas", "lr_scheduler", "min_lr_ratio", "lr_warmup_ratio",
     "max_norm", "epochs", "train_batch_size", "seed",
     "beta", "loss_type", "label_smoothing", "center_coef", "hps_mode", "gamma", "gamma_start", "gamma_end",
-    "hps_negatives", "strategy", "zero_stage",
+    "hps_negatives", "hps_scale_n_minus_1", "strategy", "zero_stage",
+)
+# The rest of TrainConfig: inputs stamped by content instead (model, data, ref_model, tokenizer,
+# chat_template), or free to change on resume. A new field must join one of the two lists
+# (tests/test_train_guarantees.py checks that they cover TrainConfig).
+RESUMABLE_SETTINGS = (
+    "model", "data", "ref_model", "tokenizer", "chat_template", "output", "trust_remote_code",
+    "gradient_checkpointing", "attn_implementation", "packing", "share_prompt", "eval_data", "eval_split",
+    "max_steps", "micro_train_batch_size", "ref_mode", "ref_batch_tokens", "ref_actors",
+    "offload_optimizer", "offload_param", "num_workers", "use_gpu", "cpus_per_worker", "local_mode",
+    "logging_steps", "eval_steps", "save_steps", "final_checkpoint", "keep_checkpoints", "use_tensorboard",
+    "use_wandb", "wandb_project", "progress", "storage_path", "run_name", "resume", "overwrite", "max_failures",
 )
 
 
@@ -135,6 +146,20 @@ def _write_fingerprint(cfg: TrainConfig) -> None:
     fs, run = filesystem_for(cfg.run_uri)
     fs.create_dir(run, recursive=True)
     write_text(fs, posixpath.join(run, FINGERPRINT), json.dumps(train_fingerprint(cfg), indent=1))
+
+
+def _forget_fingerprint_without_checkpoint(cfg: TrainConfig) -> None:
+    """After a failed fit: a run folder with no checkpoint has nothing to resume, so its
+    fingerprint goes, and the corrected command may --resume (take over the folder) with other
+    settings, as before the run started."""
+    from pyarrow import fs as pafs
+
+    from prefsel.sources import filesystem_for
+
+    fs, run = filesystem_for(cfg.run_uri)
+    held = fs.get_file_info(pafs.FileSelector(run, allow_not_found=True))
+    if not any(posixpath.basename(i.path).startswith("checkpoint_") for i in held):
+        fs.delete_file(posixpath.join(run, FINGERPRINT))
 
 
 def _prepare_output(cfg: TrainConfig) -> None:
@@ -241,7 +266,12 @@ def run_train(cfg: TrainConfig) -> dict:
     )
     if not cfg.local_mode:  # local mode keeps no checkpoints: nothing to resume
         _write_fingerprint(cfg)
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except BaseException:
+        if not cfg.local_mode:
+            _forget_fingerprint_without_checkpoint(cfg)
+        raise
     wall = time.time() - t0
     out_fs, out_dir = filesystem_for(cfg.output)
     res_path = posixpath.join(out_dir, RESULT_NAME)
