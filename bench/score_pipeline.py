@@ -203,7 +203,7 @@ def bare_engine(cfg) -> tuple[dict, list[float]]:
     import torch
 
     from prefsel.formats import to_example
-    from prefsel.models import load_causal_lm, load_tokenizer, model_context_length, resolve_device
+    from prefsel.models import load_causal_lm, load_tokenizer, resolve_device, resolve_max_length
     from prefsel.scoring import PairScorer
 
     res = cfg.resources
@@ -211,7 +211,8 @@ def bare_engine(cfg) -> tuple[dict, list[float]]:
     if res.cpus_per_actor >= 1 and res.gpus_per_actor == 0:
         torch.set_num_threads(int(res.cpus_per_actor))
     tok = load_tokenizer(cfg.tokenizer_path)
-    ptok = replace(cfg, max_length=model_context_length(tok, [cfg.policy, cfg.reference])).tokenizer_spec.load(tok)
+    max_length = resolve_max_length(cfg.max_length, tok, [cfg.policy, cfg.reference])
+    ptok = replace(cfg, max_length=max_length).tokenizer_spec.load(tok)
     with open(cfg.data) as f:
         rows = [json.loads(line) for line in f]
     t0 = time.perf_counter()

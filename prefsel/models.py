@@ -80,8 +80,9 @@ _UNSET_LENGTH = 10**12
 _POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
 
 
-def _config_positions(config) -> int | None:
-    """The positions a model config allows (its text part for multimodal configs), or None."""
+def _config_positions(config) -> tuple[int, str] | None:
+    """(positions, the config key that says so) of a model config (its text part for multimodal
+    configs), or None."""
     from prefsel.packing import text_config
 
     text = text_config(config)
@@ -89,8 +90,36 @@ def _config_positions(config) -> int | None:
         for key in _POSITION_KEYS:
             value = getattr(cfg, key, None)
             if isinstance(value, int) and not isinstance(value, bool) and 0 < value < _UNSET_LENGTH:
-                return value
+                return value, key
     return None
+
+
+def model_positions(
+    config_or_path, *, trust_remote_code: bool = False, revision: str | None = None
+) -> tuple[int, str] | None:
+    """The fewest positions among the model configs, with where that number comes from
+    ("max_position_embeddings of PATH's config"), or None when no config says.
+
+    `config_or_path` is a local folder or a hub name (read with AutoConfig, no weights loaded),
+    a config, a model, or a list / tuple of these (policy and reference)."""
+    from transformers import AutoConfig, PretrainedConfig
+
+    items = list(config_or_path) if isinstance(config_or_path, (list, tuple)) else [config_or_path]
+    best = None
+    for item in items:
+        if item is None:
+            continue
+        if isinstance(item, PretrainedConfig):
+            config, name = item, item.name_or_path
+        elif hasattr(item, "config") and isinstance(item.config, PretrainedConfig):
+            config, name = item.config, item.config.name_or_path  # a loaded model
+        else:
+            config = AutoConfig.from_pretrained(str(item), trust_remote_code=trust_remote_code, revision=revision)
+            name = str(item)
+        found = _config_positions(config)
+        if found is not None and (best is None or found[0] < best[0]):
+            best = found[0], f"{found[1]} of {name or type(config).__name__}'s config"
+    return best
 
 
 def model_context_length(
@@ -98,32 +127,57 @@ def model_context_length(
 ) -> int | None:
     """The longest sequence (prompt + response tokens) the model can take, or None if unknown.
 
-    The smaller of the model config's positions (`max_position_embeddings`, or `n_positions` /
-    `n_ctx` for GPT-2 style configs) and the tokenizer's `model_max_length` (ignored when it is
-    transformers' "unset" sentinel, about 1e30). `config_or_path` is a local folder or a hub
-    name (read with AutoConfig, no weights loaded), a config, a model, or a list / tuple of
-    these (policy and reference: the smallest). `tokenizer` may be None.
+    The smaller of the model configs' positions (`model_positions`: `max_position_embeddings`,
+    or `n_positions` / `n_ctx` for GPT-2 style configs) and the tokenizer's `model_max_length`
+    (ignored when it is transformers' "unset" sentinel, about 1e30). `config_or_path` is as for
+    `model_positions` (policy and reference: the smallest). `tokenizer` may be None.
     """
-    from transformers import AutoConfig, PretrainedConfig
-
-    items = list(config_or_path) if isinstance(config_or_path, (list, tuple)) else [config_or_path]
-    lengths = []
-    for item in items:
-        if item is None:
-            continue
-        if isinstance(item, PretrainedConfig):
-            config = item
-        elif hasattr(item, "config") and isinstance(item.config, PretrainedConfig):
-            config = item.config  # a loaded model
-        else:
-            config = AutoConfig.from_pretrained(str(item), trust_remote_code=trust_remote_code, revision=revision)
-        n = _config_positions(config)
-        if n is not None:
-            lengths.append(n)
+    positions = model_positions(config_or_path, trust_remote_code=trust_remote_code, revision=revision)
+    lengths = [positions[0]] if positions else []
     tok_max = getattr(tokenizer, "model_max_length", None)
     if isinstance(tok_max, int) and not isinstance(tok_max, bool) and 0 < tok_max < _UNSET_LENGTH:
         lengths.append(tok_max)
     return min(lengths) if lengths else None
+
+
+def check_max_length(
+    max_length: int,
+    config_or_path,
+    *,
+    field: str = "max_length",
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+) -> None:
+    """Refuse a length the models cannot take: ValueError naming `field` (the CLI turns it into
+    the flag), the value and the limit with where it comes from, when `max_length` exceeds the
+    positions of any of the models (`model_positions`; unknown positions: no refusal).
+
+    A sequence that long would crash a learned-position model in the forward (IndexError; on
+    CUDA a device-side assert that breaks the process) or be silently scored past a rotary
+    model's trained range. The limit is the configs' positions, the hard one; the tokenizer's
+    `model_max_length` (often mis-set) only shapes the default, `model_context_length`.
+    """
+    positions = model_positions(config_or_path, trust_remote_code=trust_remote_code, revision=revision)
+    if positions is not None and max_length > positions[0]:
+        limit, source = positions
+        raise ValueError(f"{field}: {max_length} exceeds the models' {limit} positions ({source}); "
+                         f"give at most {limit}")
+
+
+def resolve_max_length(
+    max_length: int | None,
+    tokenizer,
+    config_or_path,
+    *,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+) -> int | None:
+    """The length to tokenize with: the models' context (`model_context_length`) when
+    `max_length` is None, else `max_length` once `check_max_length` accepts it."""
+    if max_length is None:
+        return model_context_length(tokenizer, config_or_path, trust_remote_code=trust_remote_code, revision=revision)
+    check_max_length(max_length, config_or_path, trust_remote_code=trust_remote_code, revision=revision)
+    return max_length
 
 
 def check_same_vocab(tokenizer, *models) -> None:

@@ -173,7 +173,7 @@ def scores_schema(schema: pa.Schema) -> pa.Schema:
 
 def run_score(cfg: ScoreJobConfig) -> dict:
     """Score every pair of `cfg.data` into `cfg.output`; returns the summary (also summary.json)."""
-    from prefsel.models import load_tokenizer, model_context_length
+    from prefsel.models import load_tokenizer, resolve_max_length
     from prefsel.summary import all_rejected_error, score_summary
     from prefsel.tokenization import rendering_note
 
@@ -186,9 +186,10 @@ def run_score(cfg: ScoreJobConfig) -> dict:
     schema = plan.schema if plan.schema is not None else infer_schema(sample)
     tok = load_tokenizer(cfg.tokenizer_path, trust_remote_code=cfg.trust_remote_code)
     pad_id = tok.pad_token_id
-    if cfg.max_length is None:  # too long for the models is a reject, not a silent score
-        cfg = replace(cfg, max_length=model_context_length(tok, [cfg.policy, cfg.reference],
-                                                           trust_remote_code=cfg.trust_remote_code))
+    # Unset: the models' context, so too long for them is a reject, not a silent score. Set: refused
+    # here, before an output or an actor exists, when over the models' positions.
+    cfg = replace(cfg, max_length=resolve_max_length(cfg.max_length, tok, [cfg.policy, cfg.reference],
+                                                     trust_remote_code=cfg.trust_remote_code))
     out = RunOutput(cfg.output, fingerprint(cfg, plan.files, fmt), kind="scores", overwrite=cfg.overwrite,
                     inputs=[("--policy", cfg.policy), ("--reference", cfg.reference), ("--tokenizer", cfg.tokenizer),
                             *(("--data", f) for f in (cfg.data, *plan.files))])

@@ -7,7 +7,8 @@ per-field character cap (413, before tokenizing), validation and tokenization of
 (prefsel.formats, prefsel.tokenization; 422 naming the pair index and field) and the token caps.
 Only good requests are queued: `@serve.batch` merges concurrent requests into one
 `PairScorer.logprobs` call (token-budget batches inside); a pair's log-probs do not depend on its
-batch-mates, so merging is exact. Each request's columns are then built with its own beta by
+batch-mates, so merging is exact, and a batch whose call fails is scored request by request, so
+an error stays with the request that causes it. Each request's columns are then built with its own beta by
 `prefsel.scoring.score_columns`, the function the batch pipeline uses.
 
 Run it:  serve run serve.app:build_app policy=PATH reference=PATH
@@ -35,7 +36,8 @@ from ray import serve
 
 from serve.run import MAX_BETA, ScorerArgs, ServeArgs, validate_args
 
-__all__ = ["GapRequest", "GapResponse", "ErrorResponse", "GapScorer", "ServeArgs", "build_app", "deployment_options"]
+__all__ = ["GapRequest", "GapResponse", "ErrorResponse", "GapScorer", "ServeArgs", "bind_app", "build_app",
+           "checked_args", "deployment_options"]
 
 
 class GapRequest(BaseModel):
@@ -187,6 +189,7 @@ class _Stats:
         self.max_batch_requests = 0
         self.max_batch_pairs = 0
         self.rejected_requests = 0
+        self.split_batches = 0  # batches whose merged forward failed, then scored request by request
         self.batch_requests_hist: dict[int, int] = {}
         self.score_seconds = 0.0
 
@@ -211,6 +214,7 @@ class _Stats:
                 "mean_batch_requests": self.requests / self.batches if self.batches else 0.0,
                 "batch_requests_hist": {str(k): v for k, v in sorted(self.batch_requests_hist.items())},
                 "rejected_requests": self.rejected_requests,
+                "split_batches": self.split_batches,
                 "score_seconds": round(self.score_seconds, 4),
                 **_memory(),
             }
@@ -218,8 +222,9 @@ class _Stats:
 
 def load_scorer(args: ScorerArgs):
     """(pair tokenizer, PairScorer, max_length) of a replica. With no max_length, the models'
-    context is the limit: too long for them is a 4xx, not a silent score."""
-    from prefsel.models import check_same_vocab, load_causal_lm, load_tokenizer, model_context_length, resolve_device
+    context is the limit: too long for them is a 4xx, not a silent score; one over their
+    positions is refused (`prefsel.models.resolve_max_length`)."""
+    from prefsel.models import check_same_vocab, load_causal_lm, load_tokenizer, resolve_device, resolve_max_length
     from prefsel.scoring import PairScorer, ScoreConfig
     from prefsel.tokenization import PairTokenizer
 
@@ -230,7 +235,7 @@ def load_scorer(args: ScorerArgs):
     ref = load_causal_lm(args.reference, **kw)
     tok = load_tokenizer(args.tokenizer or args.policy, trust_remote_code=args.trust_remote_code)
     check_same_vocab(tok, pol, ref)
-    max_length = args.max_length if args.max_length is not None else model_context_length(tok, [pol, ref])
+    max_length = resolve_max_length(args.max_length, tok, [pol, ref])
     pair_tokenizer = PairTokenizer(tok, args.chat_template, max_length, args.truncation,
                                    strip_responses=args.strip_responses, exact_continuation=args.exact_continuation)
     config = ScoreConfig(beta=args.beta, max_tokens_per_batch=args.max_tokens_per_batch, packing=args.packing,
@@ -381,9 +386,8 @@ class GapScorer:
             out.append(tok)
         return out
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def _score_batch(self, items: list[tuple[list, float]]) -> list[list[dict]]:
-        """One log-prob computation for the pairs of all requests in the batch; then each request's
+    async def _score(self, items: list[tuple[list, float]]) -> list[list[dict]]:
+        """One log-prob computation for the pairs of all `items` (requests); then each request's
         columns with its own beta (`score_columns`)."""
         from prefsel.scoring import score_columns
 
@@ -397,6 +401,27 @@ class GapScorer:
         for pairs, beta in items:
             results.append([score_columns(p, lp, beta) for p, lp in zip(pairs, logps[k : k + len(pairs)])])
             k += len(pairs)
+        return results
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def _score_batch(self, items: list[tuple[list, float]]) -> list[list[dict] | Exception]:
+        """The requests Serve merged into one batch, scored together (`_score`). If that fails,
+        each request is scored alone: Serve would hand the batch's exception to every request in
+        it, so well-formed requests would fail because of a batch-mate. A request that fails
+        alone gets its own exception back (as a result; `gap` raises it)."""
+        try:
+            return await self._score(items)
+        except Exception:
+            if len(items) == 1:
+                raise
+        with self.stats.lock:
+            self.stats.split_batches += 1
+        results: list[list[dict] | Exception] = []
+        for item in items:
+            try:
+                results.extend(await self._score([item]))
+            except Exception as e:  # noqa: BLE001 - this request's own failure, answered to it alone
+                results.append(e)
         return results
 
     def _check_finite(self, scores: list[dict]) -> None:
@@ -433,6 +458,8 @@ class GapScorer:
         del raw
         beta = self.beta if body.beta is None else float(body.beta)
         scores = await self._score_batch((pairs, beta))
+        if isinstance(scores, Exception):  # this request failed when scored alone (`_score_batch`)
+            raise scores
         self._check_finite(scores)
         return {
             "results": [{k: s[k] for k in PairResult.model_fields} for s in scores],
@@ -452,11 +479,14 @@ class GapScorer:
         return get_swagger_ui_html(openapi_url=f"{root}/openapi.json", title="prefsel gap scoring")
 
 
-def deployment_options(args: ServeArgs) -> dict:
+def deployment_options(args: ServeArgs, runtime_env: dict | None = None) -> dict:
     """Deployment options from the shape fields: num_replicas, min/max_replicas, num_cpus, num_gpus, ...
-    (fields left None keep the GapScorer deployment's own settings)."""
+    (fields left None keep the GapScorer deployment's own settings), and the replicas' runtime_env
+    when one is given (a config file's application runtime_env, see serve.run)."""
     opts: dict = {}
-    actor = {k: float(getattr(args, k)) for k in ("num_cpus", "num_gpus") if getattr(args, k) is not None}
+    actor: dict = {k: float(getattr(args, k)) for k in ("num_cpus", "num_gpus") if getattr(args, k) is not None}
+    if runtime_env:
+        actor["runtime_env"] = runtime_env
     if actor:
         opts["ray_actor_options"] = actor
     if args.max_ongoing_requests is not None:
@@ -474,14 +504,33 @@ def deployment_options(args: ServeArgs) -> dict:
     return opts
 
 
+def checked_args(args: ServeArgs | dict) -> ServeArgs:
+    """ServeArgs the replicas can start with, refused (ValueError naming the field) where the app
+    is built, before any replica: types, bounds and defaults (`validate_args`), and a max_length
+    over the models' positions (`prefsel.models.check_max_length`, read from their configs: no
+    weights loaded), which a replica would only find as a crash in its first forward."""
+    from prefsel.models import check_max_length
+
+    args = validate_args(args)
+    if args.max_length is not None:
+        check_max_length(args.max_length, [args.policy, args.reference], trust_remote_code=args.trust_remote_code)
+    return args
+
+
+def bind_app(args: ServeArgs, runtime_env: dict | None = None):
+    """The GapScorer deployment bound to checked `args` (`checked_args`), its replicas in
+    `runtime_env` when one is given."""
+    scorer_args = ScorerArgs.model_validate(args.model_dump(include=set(ScorerArgs.model_fields)))
+    return GapScorer.options(**deployment_options(args, runtime_env)).bind(scorer_args)
+
+
 def build_app(args: ServeArgs):
     """Application builder for `serve run serve.app:build_app policy=... reference=...` and config files.
 
     Ray Serve validates the `args` into ServeArgs (serve/run.py: the replica's arguments plus the
     deployment's shape: num_replicas, min_replicas, max_replicas, target_ongoing_requests,
-    max_ongoing_requests, num_cpus, num_gpus); a dict is validated here. In a config file, a
-    `deployments:` entry for GapScorer overrides the shape.
+    max_ongoing_requests, num_cpus, num_gpus); a dict is validated here, and either is checked
+    against the models (`checked_args`). In a config file, a `deployments:` entry for GapScorer
+    overrides the shape, and the application's runtime_env is the replicas' (Serve applies both).
     """
-    args = validate_args(args)
-    scorer_args = ScorerArgs.model_validate(args.model_dump(include=set(ScorerArgs.model_fields)))
-    return GapScorer.options(**deployment_options(args)).bind(scorer_args)
+    return bind_app(checked_args(args))

@@ -9,8 +9,9 @@ defaults: `serve.app:build_app` takes it (Ray Serve validates a config file's `a
 `prefsel` command line does not import Ray Serve and FastAPI.
 
 `serve_main(argv)` is what `prefsel serve` calls. Settings come from --config (a Ray Serve
-config file such as serve/config.yaml: its first application's args, its GapScorer deployment
-entry and its http_options), then flags given on the command line override them.
+config file such as serve/config.yaml: proxy_location, http_options, and its one application's
+name, route_prefix, args, runtime_env and GapScorer deployment entry; any other key is refused
+by name, never ignored), then flags given on the command line override them.
 """
 
 from __future__ import annotations
@@ -168,37 +169,112 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
-def resolve_settings(ns: argparse.Namespace) -> dict:
-    """Merge --config and flags into {"app_args", "http", "name", "route_prefix"}."""
-    app_args: dict = {}
-    http = {"host": "127.0.0.1", "port": 8000}
-    name, route_prefix = "prefsel-gap", "/"
-    if ns.config:
-        import yaml
+# What `prefsel serve --config` reads of a Ray Serve config file, level by level (http_options:
+# every key of Ray's HTTPOptionsSchema, passed to serve.start). Any other key is refused by name
+# (once ignored: a runtime_env holding PREFSEL_AUTH_TOKEN started the endpoint without auth).
+IMPORT_PATH = "serve.app:build_app"
+_FILE_KEYS = ("proxy_location", "http_options", "applications")
+_APP_KEYS = ("name", "route_prefix", "import_path", "args", "runtime_env", "deployments")
+_DEPLOYMENT_KEYS = ("name", "num_replicas", "max_ongoing_requests", "autoscaling_config", "ray_actor_options")
+_AUTOSCALING_KEYS = ("min_replicas", "max_replicas", "target_ongoing_requests")
+_ACTOR_KEYS = ("num_cpus", "num_gpus")
 
-        with open(ns.config) as f:
-            cfg = yaml.safe_load(f) or {}
-        http.update({k: v for k, v in (cfg.get("http_options") or {}).items() if k in ("host", "port")})
-        apps = cfg.get("applications") or []
-        if apps:
-            a = apps[0]
-            name = a.get("name", name)
-            route_prefix = a.get("route_prefix", route_prefix)
-            app_args.update(a.get("args") or {})
-            for d in a.get("deployments") or []:
-                if d.get("name", "GapScorer") != "GapScorer":
-                    continue
-                for k in ("num_replicas", "max_ongoing_requests"):
-                    if d.get(k) is not None and d[k] != "auto":
-                        app_args[k] = d[k]
-                auto = d.get("autoscaling_config") or {}
-                for k in ("min_replicas", "max_replicas", "target_ongoing_requests"):
-                    if auto.get(k) is not None:
-                        app_args[k] = auto[k]
-                actor = d.get("ray_actor_options") or {}
-                for k in ("num_cpus", "num_gpus"):
-                    if actor.get(k) is not None:
-                        app_args[k] = actor[k]
+
+def _key_path(loc: tuple) -> str:
+    """('applications', 0, 'runtime_env') -> 'applications[0].runtime_env'."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else ("." if out else "") + str(part)
+    return out
+
+
+def _unread_keys(cfg: dict) -> list[str]:
+    """Paths of the keys of a (schema-valid) Serve config that `read_config` does not read."""
+    from ray.serve.schema import HTTPOptionsSchema
+
+    unread: list[str] = []
+
+    def extra(d: dict | None, allowed, *where) -> None:
+        unread.extend(_key_path((*where, k)) for k in (d or {}) if k not in allowed)
+
+    extra(cfg, _FILE_KEYS)
+    extra(cfg.get("http_options"), HTTPOptionsSchema.model_fields, "http_options")
+    for i, app in enumerate(cfg.get("applications") or []):
+        if i > 0:
+            unread.append(f"{_key_path(('applications', i))} (prefsel serve runs one application)")
+            continue
+        extra(app, _APP_KEYS, "applications", i)
+        for j, d in enumerate(app.get("deployments") or []):
+            where = ("applications", i, "deployments", j)
+            extra(d, _DEPLOYMENT_KEYS, *where)
+            extra(d.get("autoscaling_config"), _AUTOSCALING_KEYS, *where, "autoscaling_config")
+            extra(d.get("ray_actor_options"), _ACTOR_KEYS, *where, "ray_actor_options")
+    return unread
+
+
+def read_config(path: str) -> dict:
+    """The settings of a Ray Serve config file, as `resolve_settings` returns them (app_args,
+    http, name, route_prefix, runtime_env, proxy_location), values absent from the file left out.
+
+    The file is validated by Ray's own schema (ServeDeploySchema: what `serve run` accepts), then
+    every key this function does not read is refused, by name, with a ValueError, as are an
+    application other than serve.app:build_app, a deployment other than GapScorer and
+    `num_replicas: auto` (ServeArgs has no such value)."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    with open(path) as f:
+        cfg = yaml.safe_load(f) or {}
+    if not isinstance(cfg, dict):
+        raise ValueError(f"--config {path}: expected a mapping (a Ray Serve config file), got {type(cfg).__name__}")
+    apps = cfg.get("applications") or []
+    if isinstance(apps, list):  # import_path may be left out here: it can only be serve.app:build_app
+        cfg = {**cfg, "applications": [{"import_path": IMPORT_PATH, **a} if isinstance(a, dict) else a for a in apps]}
+    try:
+        ServeDeploySchema.model_validate(cfg)
+    except ValidationError as e:
+        err = e.errors(include_url=False)[0]
+        msg = err["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's ValueError
+        raise ValueError(f"--config {path}: {_key_path(err['loc'])}: {msg}") from None
+    unread = _unread_keys(cfg)
+    if unread:
+        raise ValueError(f"--config {path}: {', '.join(unread)}: not read by prefsel serve; remove "
+                         f"{'it' if len(unread) == 1 else 'them'}, or run the file with `serve run`")
+    out: dict = {"app_args": {}, "http": dict(cfg.get("http_options") or {})}
+    if cfg.get("proxy_location") is not None:
+        out["proxy_location"] = cfg["proxy_location"]
+    if not apps:
+        return out
+    a = apps[0]
+    if a.get("import_path", IMPORT_PATH) != IMPORT_PATH:
+        raise ValueError(f"--config {path}: applications[0].import_path: prefsel serve runs {IMPORT_PATH}, "
+                         f"got {a['import_path']!r}")
+    out.update({k: a[k] for k in ("name", "route_prefix", "runtime_env") if a.get(k) is not None})
+    app_args = out["app_args"]
+    app_args.update(a.get("args") or {})
+    for j, d in enumerate(a.get("deployments") or []):
+        where = f"--config {path}: applications[0].deployments[{j}]"
+        if d.get("name") != "GapScorer":
+            raise ValueError(f"{where}.name: {d.get('name')!r}: the application's one deployment is GapScorer")
+        if d.get("num_replicas") == "auto":
+            raise ValueError(f"{where}.num_replicas: 'auto' is not read by prefsel serve; "
+                             "set autoscaling_config min_replicas / max_replicas")
+        app_args.update({k: d[k] for k in ("num_replicas", "max_ongoing_requests") if d.get(k) is not None})
+        for k in ("autoscaling_config", "ray_actor_options"):
+            app_args.update({key: v for key, v in (d.get(k) or {}).items() if v is not None})
+    return out
+
+
+def resolve_settings(ns: argparse.Namespace) -> dict:
+    """Merge --config (`read_config`) and flags into {"app_args", "http", "name", "route_prefix",
+    "runtime_env", "proxy_location"}."""
+    settings = {"app_args": {}, "http": {"host": "127.0.0.1", "port": 8000}, "name": "prefsel-gap",
+                "route_prefix": "/", "runtime_env": {}, "proxy_location": None}
+    if ns.config:
+        found = read_config(ns.config)
+        settings["http"].update(found.pop("http"))
+        settings.update(found)
+    app_args = settings["app_args"]
     for k in ServeArgs.model_fields:  # flags given on the command line win
         v = getattr(ns, k, None)
         if v is not None:
@@ -207,16 +283,30 @@ def resolve_settings(ns: argparse.Namespace) -> dict:
         for k in ("min_replicas", "max_replicas", "target_ongoing_requests"):
             app_args.pop(k, None)  # an explicit fixed count wins over the file's autoscaling
     if ns.host:
-        http["host"] = ns.host
+        settings["http"]["host"] = ns.host
     if ns.port is not None:
-        http["port"] = ns.port
-    name = ns.name or name
-    route_prefix = ns.route_prefix or route_prefix
+        settings["http"]["port"] = ns.port
+    settings["name"] = ns.name or settings["name"]
+    settings["route_prefix"] = ns.route_prefix or settings["route_prefix"]
     for req in ("policy", "reference"):
         if not app_args.get(req):
             raise ValueError(f"{_flag(req)} is required (or set it in --config args)")
-    args = validate_args(app_args)  # types, bounds and defaults: before Ray starts
-    return {"app_args": args.model_dump(), "http": http, "name": name, "route_prefix": route_prefix}
+    settings["app_args"] = validate_args(app_args).model_dump()  # types, bounds and defaults: before Ray starts
+    return settings
+
+
+def replica_runtime_env(app_env: dict) -> dict | None:
+    """The replicas' runtime_env for a config file's application runtime_env: this Ray job's own
+    (e.g. `ray job submit --runtime-env`) with the file's over it, env_vars merged one by one, as
+    Serve merges an application's and a deployment's; None without one (Serve's default: the
+    job's). Call it once Ray is up."""
+    if not app_env:
+        return None
+    import ray
+
+    job = dict(ray.get_runtime_context().runtime_env or {})
+    env_vars = {**(job.get("env_vars") or {}), **(app_env.get("env_vars") or {})}
+    return {**job, **app_env, **({"env_vars": env_vars} if env_vars else {})}
 
 
 def serve_main(argv: list[str] | None = None) -> int:
@@ -235,6 +325,9 @@ def run(ns: argparse.Namespace) -> int:
     if ns.print_config:
         shown = dict(settings)
         shown["app_args"] = {k: ("***" if k == "auth_token" and v else v) for k, v in settings["app_args"].items()}
+        env_vars = settings["runtime_env"].get("env_vars")
+        if env_vars and env_vars.get("PREFSEL_AUTH_TOKEN"):
+            shown["runtime_env"] = {**settings["runtime_env"], "env_vars": {**env_vars, "PREFSEL_AUTH_TOKEN": "***"}}
         print(json.dumps(shown, indent=2, default=str))
         return 0
     if getattr(ns, "auth_token", None):
@@ -244,13 +337,14 @@ def run(ns: argparse.Namespace) -> int:
     from ray import serve
 
     from prefsel.jobs import init_ray
-    from serve.app import build_app
+    from serve.app import bind_app, checked_args
 
-    app = build_app(settings["app_args"])  # validates args before Ray starts
+    args = checked_args(settings["app_args"])  # refuses bad settings before Ray starts
     # The one way prefsel starts Ray: RAY_ADDRESS's cluster, or a local Ray whose processes listen
     # on 127.0.0.1 only. The HTTP proxy is not one of them: it binds http_options' host (--host).
     init_ray()
-    serve.start(http_options=settings["http"])
+    app = bind_app(args, replica_runtime_env(settings["runtime_env"]))
+    serve.start(http_options=settings["http"], proxy_location=settings["proxy_location"])
     print(f"prefsel serve: http://{settings['http']['host']}:{settings['http']['port']}"
           f"{settings['route_prefix'].rstrip('/')}/v1/gap (docs at /docs)", flush=True)
     try:

@@ -183,6 +183,29 @@ def test_model_context_length_and_over_long_row_rejected(tiny_models, tmp_path):
     assert out[0].reason.startswith("field 'chosen': too long") and out[1].reason is None
 
 
+def test_an_explicit_max_length_is_checked_against_the_models_positions(tiny_models, tmp_path):
+    """resolve_max_length: unset is the models' context; set, it is taken up to the smallest
+    config's positions and refused above them, naming the config that sets the limit. The
+    tokenizer's model_max_length (often mis-set) is no limit for an explicit value."""
+    from transformers import LlamaConfig
+
+    from prefsel.models import check_max_length, load_tokenizer, resolve_max_length
+    from prefsel.tiny import build_tiny_pair
+
+    tok = load_tokenizer(tiny_models[0])
+    short, _ = build_tiny_pair(tmp_path / "m64", tokenizer=tok, max_position_embeddings=64)
+    assert resolve_max_length(None, tok, list(tiny_models)) == 1024
+    assert resolve_max_length(1024, tok, list(tiny_models)) == 1024
+    with pytest.raises(ValueError, match=rf"^max_length: 65 exceeds the models' 64 positions "
+                                         rf"\(max_position_embeddings of {short}'s config\); give at most 64$"):
+        resolve_max_length(65, tok, [tiny_models[0], short])  # the pair's smaller model is the limit
+    tok.model_max_length = 32
+    assert resolve_max_length(512, tok, list(tiny_models)) == 512
+    with pytest.raises(ValueError, match=r"^max_prompt_length: 2000 exceeds .* 128 positions \(max_position_embeddings"):
+        check_max_length(2000, LlamaConfig(max_position_embeddings=128), field="max_prompt_length")
+    check_max_length(10**6, [])  # positions unknown: nothing to refuse
+
+
 # ---- 16.6: input text stays what it was ----------------------------------------------------------------
 
 

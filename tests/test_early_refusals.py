@@ -136,3 +136,62 @@ def test_train_and_serve_check_the_template_where_they_start(tmp_path, monkeypat
     assert cfg.chat_template == str(tmp_path / "t.jinja")
     assert serve_main(["--policy", "P", "--reference", "R", "--chat-template", "t.jinja", "--print-config"]) == 0
     assert json.loads(capsys.readouterr().out)["app_args"]["chat_template"] == str(tmp_path / "t.jinja")
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Fails the test if the command gets as far as starting Ray (every command starts it through
+    prefsel.jobs.init_ray): a refusal must come first."""
+    import prefsel.jobs
+
+    def init_ray(num_cpus=None):
+        raise AssertionError("Ray was started: the refusal came too late")
+
+    monkeypatch.setattr(prefsel.jobs, "init_ray", init_ray)
+
+
+def _over_long_commands(models: tuple[str, str], tmp_path) -> dict[str, tuple[list[str], str]]:
+    """{command: (argv asking more tokens than the tiny models' 1024 positions, the flag named)}."""
+    pairs = write_jsonl(tmp_path / "in.jsonl", PAIRS)
+    multi = write_jsonl(tmp_path / "multi.jsonl", [{"prompt": "q", "responses": ["a", "b"]}])
+    return {
+        "score": (["score", "--policy", models[0], "--reference", models[1], "--data", str(pairs),
+                   "--output", str(tmp_path / "out"), "--max-length", "2048"], "--max-length"),
+        "annotate": (["annotate", "--data", str(multi), "--reward-model", models[0], "--output", str(tmp_path / "out"),
+                      "--max-length", "2048"], "--max-length"),
+        "generate": (["generate", "--prompts", str(pairs), "--model", models[0], "--backend", "hf",
+                      "--output", str(tmp_path / "out"), "--max-prompt-length", "2048"], "--max-prompt-length"),
+        "train": (["train", "dpo", "--model", models[0], "--data", str(pairs), "--output", str(tmp_path / "out"),
+                   "--chat-template", "none", "--max-length", "2048"], "--max-length"),
+    }
+
+
+@pytest.mark.parametrize("command", ["score", "annotate", "generate", "train"])
+def test_a_length_over_the_models_positions_is_refused_before_ray(tiny_models, tmp_path, capsys, no_ray, command):
+    """An explicit length over the models' positions (the configs' max_position_embeddings) is
+    refused in the driver, in one line naming the flag, the value and the limit with where it
+    comes from: taken as given, a sequence that long crashed a learned-position model in the
+    forward (on CUDA breaking the actor) or was silently scored past a rotary model's range."""
+    argv, flag = _over_long_commands(tiny_models, tmp_path)[command]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert f"prefsel {command}: error: {flag}: 2048 exceeds the models' 1024 positions " \
+           f"(max_position_embeddings of {tiny_models[0]}'s config); give at most 1024" in err, err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_serve_refuses_a_max_length_over_the_models_positions_before_ray(tiny_models, capsys, no_ray):
+    """The Serve app is refused where it is built (serve.app.build_app, which `serve run` calls
+    too), before Ray starts: a replica would otherwise crash on its first long pair."""
+    from serve.app import build_app
+    from serve.run import serve_main
+
+    assert serve_main(["--policy", tiny_models[0], "--reference", tiny_models[1], "--max-length", "2048"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert f"prefsel serve: error: max_length: 2048 exceeds the models' 1024 positions " \
+           f"(max_position_embeddings of {tiny_models[0]}'s config)" in err, err
+    with pytest.raises(ValueError, match=r"^max_length: 1025 exceeds the models' 1024 positions"):
+        build_app({"policy": tiny_models[0], "reference": tiny_models[1], "max_length": 1025})
+    build_app({"policy": tiny_models[0], "reference": tiny_models[1], "max_length": 1024})  # the limit itself is taken

@@ -190,6 +190,68 @@ def test_concurrent_requests_are_batched_and_exact(server):
     assert after["batches"] - before["batches"] < 16
 
 
+FAIL_MARK = "FAIL-IN-FORWARD"  # the prompt the failing scorer below raises on
+
+
+def test_a_failing_batch_is_scored_request_by_request(server, tiny_models):
+    """When the merged forward of a batch raises, each request of the batch is scored alone: the
+    request that fails alone gets the error it gets when sent alone (a 500), its batch-mates their
+    scores (before: Serve handed the batch's exception to every request in it).
+
+    No real input fails in the forward (validation, tokenization and the length checks come
+    first), so the scorer is monkeypatched, inside the replica: a GapScorer subclass deployed
+    next to the others wraps its PairScorer.logprobs to raise for any call holding a pair whose
+    prompt is FAIL_MARK. Everything else (HTTP, batching, models) is the real endpoint."""
+    from ray import serve
+
+    from serve.app import GapScorer, ScorerArgs
+
+    class FailingOnMark(GapScorer.func_or_class):
+        async def __init__(self, args):
+            await super().__init__(args)
+            from prefsel.formats import to_example
+
+            marked = self.pair_tokenizer.encode(to_example({**PAIRS[0], "prompt": FAIL_MARK}, "pairs")).prompt_ids
+            real = self.scorer.logprobs
+
+            def logprobs(pairs):
+                if any(p.prompt_ids == marked for p in pairs):
+                    raise RuntimeError("forward failed on the marked pair")
+                return real(pairs)
+
+            self.scorer.logprobs = logprobs
+
+    args = ScorerArgs(policy=tiny_models[0], reference=tiny_models[1], max_length=MAX_LENGTH,
+                      max_batch_size=16, batch_wait_timeout_s=0.5)  # a long wait: the 7 requests below merge
+    serve.run(serve.deployment(FailingOnMark, ray_actor_options={"num_cpus": 0.25}).bind(args),
+              name="gap-fail", route_prefix="/fail")
+    try:
+        marked = {"pairs": [PAIRS[1], {**PAIRS[0], "prompt": FAIL_MARK}]}
+        groups = [PAIRS[i : i + 1 + i % 2] for i in range(6)]
+        alone = [server.post("/fail/v1/gap", json={"pairs": g}) for g in groups]
+        assert all(r.status_code == 200 for r in alone), [r.text for r in alone]
+        failed_alone = server.post("/fail/v1/gap", json=marked)
+        assert failed_alone.status_code == 500, failed_alone.text
+        before = server.get("/fail/v1/stats").json()
+
+        def call(i):
+            return server.post("/fail/v1/gap", json=marked if i == 3 else {"pairs": groups[i - (i > 3)]})
+
+        with ThreadPoolExecutor(7) as pool:
+            responses = list(pool.map(call, range(7)))
+        good = responses[:3] + responses[4:]
+        for want, got in zip(alone, good, strict=True):
+            assert got.status_code == 200, got.text
+            for a, b in zip(want.json()["results"], got.json()["results"], strict=True):
+                for col in SCORE_COLUMNS:
+                    assert abs(a[col] - b[col]) <= 1e-5, col
+        assert responses[3].status_code == failed_alone.status_code, responses[3].text
+        after = server.get("/fail/v1/stats").json()
+        assert after["split_batches"] > before["split_batches"], after  # the marked one was in a merged batch
+    finally:
+        serve.delete("gap-fail")
+
+
 GOOD = PAIRS[0]
 BAD_CASES = [
     # (name, raw body or json, status, substrings of the message)
@@ -540,6 +602,8 @@ def test_run_flags_and_config(capsys):
     a = out["app_args"]
     assert a["policy"] == "P" and a["reference"] == "./models/reference" and a["num_gpus"] == 0.25
     assert a["min_replicas"] == 1 and a["max_replicas"] == 4 and a["auth_token"] == "***"
+    assert a["max_length"] is None  # the models' context, as `prefsel score` (the file sets none)
+    assert out["proxy_location"] == "HeadOnly" and out["runtime_env"] == {}
     assert serve_main(["--policy", "P", "--reference", "R", "--num-replicas", "2", "--print-config"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["http"] == {"host": "127.0.0.1", "port": 8000} and out["app_args"]["num_replicas"] == 2
@@ -617,3 +681,129 @@ def test_response_flags_merge_over_a_config_file(tmp_path):
     assert app_args("--config", str(cfg), "--tokenize-responses-alone") == {"strip_responses": False,
                                                                            "exact_continuation": False}
     assert app_args("--policy", "P", "--reference", "R") == {"strip_responses": True, "exact_continuation": True}
+
+
+# ---- `prefsel serve --config`: every key of the file is read or refused ----------------------------
+
+
+def _serve_config(tmp_path, models, port: int, **app) -> Path:
+    import yaml
+
+    cfg = {"proxy_location": "EveryNode", "http_options": {"host": "127.0.0.1", "port": port},
+           "applications": [{"name": "gap-env", "route_prefix": "/", "import_path": "serve.app:build_app",
+                             "args": {"policy": models[0], "reference": models[1], "max_length": MAX_LENGTH},
+                             "deployments": [{"name": "GapScorer", "ray_actor_options": {"num_cpus": 0.5}}], **app}]}
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_prefsel_serve_config_takes_the_token_from_runtime_env(tiny_models, tmp_path):
+    """`prefsel serve --config FILE` whose application runtime_env sets PREFSEL_AUTH_TOKEN in
+    env_vars requires the token, as `serve run FILE` does (before: the runtime_env was ignored and
+    the endpoint answered without auth). A real `prefsel serve` process, with PREFSEL_AUTH_TOKEN
+    not in its own environment, over HTTP on 127.0.0.1."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    port = _free_port()
+    cfg = _serve_config(tmp_path, tiny_models, port, runtime_env={"env_vars": {"PREFSEL_AUTH_TOKEN": TOKEN}})
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFSEL_AUTH_TOKEN", "RAY_ADDRESS")}
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([str(Path(sys.executable).with_name("prefsel")), "serve", "--config", str(cfg)],
+                                cwd=Path(__file__).resolve().parents[1], env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+            deadline = time.monotonic() + 300
+            while True:  # up once the replica answers /healthz (which never needs the token)
+                assert proc.poll() is None, log.read_text()[-4000:]
+                try:
+                    if client.get("/healthz").status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                assert time.monotonic() < deadline, log.read_text()[-4000:]
+                time.sleep(1)
+            r = client.post("/v1/gap", json={"pairs": PAIRS[:1]})
+            assert r.status_code == 401 and "bearer" in r.json()["detail"], r.text
+            assert client.get("/v1/models").status_code == 401
+            r = client.post("/v1/gap", json={"pairs": PAIRS[:1]}, headers={"Authorization": f"Bearer {TOKEN}"})
+            assert r.status_code == 200 and len(r.json()["results"]) == 1, r.text
+    finally:
+        proc.send_signal(signal.SIGINT)  # prefsel serve shuts Serve and its local Ray down
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_print_config_shows_runtime_env_and_proxy_location(tiny_models, tmp_path, capsys):
+    from serve.run import serve_main
+
+    cfg = _serve_config(tmp_path, tiny_models, 9124, runtime_env={"env_vars": {"PREFSEL_AUTH_TOKEN": TOKEN, "A": "1"}})
+    assert serve_main(["--config", str(cfg), "--print-config"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["proxy_location"] == "EveryNode" and out["name"] == "gap-env"
+    assert out["runtime_env"] == {"env_vars": {"PREFSEL_AUTH_TOKEN": "***", "A": "1"}}  # the token not shown
+    assert out["app_args"]["num_cpus"] == 0.5 and out["http"] == {"host": "127.0.0.1", "port": 9124}
+
+
+def _edit(cfg: dict, where: tuple, value) -> dict:
+    d = cfg
+    for k in where[:-1]:
+        d = d[k]
+    d[where[-1]] = value
+    return cfg
+
+
+UNREAD_CASES = [
+    # (where in the file, value, the message's start after "--config FILE: ")
+    (("grpc_options",), {"port": 9000}, "grpc_options: not read by prefsel serve"),
+    (("proxy_locaton",), "HeadOnly", "proxy_locaton: not read"),
+    (("http_options", "bogus"), 1, "http_options.bogus: not read"),
+    (("applications", 0, "logging_config"), {"log_level": "DEBUG"}, "applications[0].logging_config: not read"),
+    (("applications", 0, "deployments", 0, "health_check_period_s"), 5,
+     "applications[0].deployments[0].health_check_period_s: not read"),
+    (("applications", 0, "deployments", 0, "autoscaling_config"), {"max_replicas": 2, "upscale_delay_s": 1},
+     "applications[0].deployments[0].autoscaling_config.upscale_delay_s: not read"),
+    (("applications", 0, "deployments", 0, "ray_actor_options", "memory"), 10**9,
+     "applications[0].deployments[0].ray_actor_options.memory: not read"),
+    (("applications", 0, "deployments", 0, "ray_actor_options", "runtime_env"), {"env_vars": {"A": "1"}},
+     "applications[0].deployments[0].ray_actor_options.runtime_env: not read"),
+    (("applications", 0, "deployments", 0, "num_replicas"), "auto",
+     "applications[0].deployments[0].num_replicas: 'auto' is not read"),
+    (("applications", 0, "deployments", 0, "name"), "Other",
+     "applications[0].deployments[0].name: 'Other': the application's one deployment is GapScorer"),
+    (("applications", 0, "import_path"), "my.app:build",
+     "applications[0].import_path: prefsel serve runs serve.app:build_app"),
+    (("applications", 1), {"name": "b", "route_prefix": "/b", "import_path": "serve.app:build_app"},
+     "applications[1] (prefsel serve runs one application): not read"),
+    (("proxy_location",), "Bogus", "proxy_location: Input should be 'Disabled', 'HeadOnly' or 'EveryNode'"),
+    (("applications", 0, "runtime_env"), {"working_dir": "."}, "applications[0].runtime_env: runtime_envs in the "
+     "Serve config support only remote URIs"),  # Ray's own check, as `serve run` makes it
+]
+
+
+@pytest.mark.parametrize("where,value,message", UNREAD_CASES, ids=[_c[2].split(":")[0] for _c in UNREAD_CASES])
+def test_config_keys_prefsel_serve_does_not_read_are_refused(tiny_models, tmp_path, capsys, where, value, message):
+    """Every key of --config is read or refused by name, before Ray starts (before: any key but a
+    few was silently ignored)."""
+    import yaml
+
+    from serve.run import serve_main
+
+    path = _serve_config(tmp_path, tiny_models, 9125)
+    cfg = yaml.safe_load(path.read_text())
+    if where == ("applications", 1):
+        cfg["applications"].append(value)
+    else:
+        _edit(cfg, where, value)
+    path.write_text(yaml.safe_dump(cfg))
+    assert serve_main(["--config", str(path), "--print-config"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"prefsel serve: error: --config {path}: {message}"), err

@@ -155,6 +155,7 @@ def test_a_new_run_refuses_a_used_storage_folder_and_overwrite_starts_afresh(ray
     a = _run([*_args("dpo", toy, tmp_path / "a", "--data", data_a), *FAST, "--storage-path", str(store),
               "--max-steps", "2"])
     assert a["resumed_from_step"] == 0 and (store / "train" / "checkpoint_00000002").is_dir()
+    assert a["max_length"] == 1024  # unset: the toy model's positions, as prefsel score takes them
     # the summary counts what was trained: 3 full batches of 8 per epoch, 6 of the 30 rows left out
     assert (a["rows_used"], a["rows_trained_per_epoch"], a["rows_dropped_per_epoch"]) == (30, 24, 6)
     assert _metrics(tmp_path / "a")[1]["lr"] == 3e-3  # step 1's rate (warmup 0: the peak), not step 2's
@@ -193,6 +194,19 @@ def test_a_run_that_failed_before_any_checkpoint_resumes_with_other_settings(ray
     s = _run([*argv, "--learning-rate", "1e-3", "--resume"])
     assert s["resumed_from_step"] == 0 and s["steps"] == 2
     assert (tmp_path / "out" / "train" / FINGERPRINT).exists()
+
+
+def test_a_max_length_over_the_models_positions_is_refused_before_anything(toy, tmp_path):
+    """--max-length 2048 on a model of 1024 positions: refused before the output is touched (a
+    longer row would crash a learned-position model's forward, or train a rotary one past its
+    range), even with --overwrite, which would delete the old output first."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("old run")
+    with pytest.raises(ValueError, match=r"max_length: 2048 exceeds the models' 1024 positions "
+                                         r"\(max_position_embeddings of .*'s config\); give at most 1024"):
+        _run([*_args("dpo", toy, out, "--data", toy["pairs"]), *FAST, "--max-length", "2048", "--overwrite"])
+    assert (out / "keep.txt").read_text() == "old run"
 
 
 def test_zero3_with_an_online_reference_trains(ray_local, toy, tmp_path):

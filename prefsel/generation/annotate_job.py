@@ -170,14 +170,15 @@ class AnnotateShardWriter:
 
 
 def run_annotate(cfg: AnnotateConfig) -> dict:
-    from prefsel.models import load_tokenizer, model_context_length
+    from prefsel.models import load_tokenizer, resolve_max_length
 
     t0 = time.time()
     plan = plan_source(cfg.data, cfg.chunk_rows, cfg.split)
     tok = load_tokenizer(cfg.tokenizer_path, trust_remote_code=cfg.trust_remote_code)
-    if cfg.max_length is None:  # too long for the reward model is a reject, not a silent score
-        cfg = replace(cfg, max_length=model_context_length(tok, [cfg.reward_model],
-                                                           trust_remote_code=cfg.trust_remote_code))
+    # Unset: the reward model's context (too long is a reject, not a silent score). Set: refused
+    # here, before an output or an actor exists, when over its positions.
+    cfg = replace(cfg, max_length=resolve_max_length(cfg.max_length, tok, [cfg.reward_model],
+                                                     trust_remote_code=cfg.trust_remote_code))
     out = JsonlRunOutput(cfg.output, fingerprint(cfg, plan.files), kind="multi", overwrite=cfg.overwrite,
                          inputs=[("--reward-model", cfg.reward_model), ("--tokenizer", cfg.tokenizer),
                                  *(("--data", f) for f in (cfg.data, *plan.files))])

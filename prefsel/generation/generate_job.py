@@ -269,6 +269,11 @@ def run_generate(cfg: GenerateConfig) -> dict:
         from prefsel.generation.vllm_backend import require_vllm
 
         require_vllm()
+    if cfg.max_prompt_length is not None:  # a longer prompt than the model's positions must not pass
+        from prefsel.models import check_max_length
+
+        check_max_length(cfg.max_prompt_length, cfg.model, field="max_prompt_length",
+                         trust_remote_code=cfg.trust_remote_code)
     plan = plan_source(cfg.prompts, cfg.chunk_rows, cfg.split)
     out = JsonlRunOutput(cfg.output, fingerprint(cfg, plan.files), kind="generations", overwrite=cfg.overwrite,
                          inputs=[("--model", cfg.model), ("--tokenizer", cfg.tokenizer),

@@ -59,7 +59,7 @@ class TrainConfig:
     eval_data: str | None = None
     eval_split: str = "test"
     chat_template: str = "auto"
-    max_length: int | None = 2048
+    max_length: int | None = None  # None: the models' context (prefsel.models.model_context_length)
     truncation: str = "reject"
     margin_column: str | None = None  # rm: optional per-pair margin column
     # optimisation
