@@ -148,6 +148,11 @@ def test_generate_and_annotate_prepare_never_raise_for_a_row(pair_tok):
             raise IndexError("bug")
 
     assert prepare_prompts(rows[:1], Broken(), None)[0]["reason"] == "row: IndexError: bug"
+    # hf backend: a prompt whose max_tokens new tokens could pass the model's positions is a reject
+    n = len(prepare_prompts(rows[:1], pair_tok, None)[0]["prompt_ids"])
+    assert prepare_prompts(rows[:1], pair_tok, None, positions=n + 8, max_tokens=8)[0]["reason"] is None
+    assert prepare_prompts(rows[:1], pair_tok, None, positions=n + 7, max_tokens=8)[0]["reason"] == \
+        f"field 'prompt': too long: {n} tokens + max_tokens 8 > the model's {n + 7} positions"
     assert annotate_rows(rows[:1], Broken())[0]["reason"] == "row: IndexError: bug"
 
 

@@ -181,6 +181,17 @@ def test_a_length_over_the_models_positions_is_refused_before_ray(tiny_models, t
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
 
 
+def test_hf_generate_refuses_max_tokens_that_leave_no_room_for_a_prompt(tiny_models, tmp_path, capsys, no_ray):
+    pairs = write_jsonl(tmp_path / "in.jsonl", PAIRS)
+    argv = ["generate", "--prompts", str(pairs), "--model", tiny_models[0], "--backend", "hf",
+            "--output", str(tmp_path / "out"), "--max-tokens", "1024"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"prefsel generate: error: --max-tokens: 1024 leaves no room for a prompt in the model's 1024 "
+                   f"positions (max_position_embeddings of {tiny_models[0]}'s config); give at most 1023"), err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
 def test_serve_refuses_a_max_length_over_the_models_positions_before_ray(tiny_models, capsys, no_ray):
     """The Serve app is refused where it is built (serve.app.build_app, which `serve run` calls
     too), before Ray starts: a replica would otherwise crash on its first long pair."""

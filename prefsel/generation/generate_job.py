@@ -80,8 +80,12 @@ def fingerprint(cfg: GenerateConfig, files: list[str]) -> dict:
 
 # ---- stage functions (Ray workers) ----------------------------------------------------------------
 
-def prepare_prompts(rows, tokenizer, max_prompt_length: int | None) -> list[dict]:
-    """Validate and tokenize raw prompt rows (sources.RawRow); every row comes out, maybe with a reason."""
+def prepare_prompts(rows, tokenizer, max_prompt_length: int | None, positions: int | None = None,
+                    max_tokens: int = 0) -> list[dict]:
+    """Validate and tokenize raw prompt rows (sources.RawRow); every row comes out, maybe with a reason.
+    With `positions` (the hf backend's model), a prompt whose `max_tokens` new tokens could run
+    past them is a reject: generating there crashes a learned-position model (vLLM stops a
+    request at its own max_model_len instead)."""
     from prefsel.prepare import dumps, record_text, unexpected_reason
     from prefsel.sources import not_object_reason, value_problem
 
@@ -100,6 +104,9 @@ def prepare_prompts(rows, tokenizer, max_prompt_length: int | None) -> list[dict
             ids = encode_prompt(tokenizer, parse_prompt_row(r.record).example)
             if max_prompt_length is not None and len(ids) > max_prompt_length:
                 raise RowError(f"field 'prompt': too long: {len(ids)} tokens > max_prompt_length {max_prompt_length}")
+            if positions is not None and len(ids) + max_tokens > positions:
+                raise RowError(f"field 'prompt': too long: {len(ids)} tokens + max_tokens {max_tokens} > the "
+                               f"model's {positions} positions")
             out.append({"row_id": r.row_id, "record": text, "reason": None, "prompt_ids": ids})
         except RowError as e:
             out.append({"row_id": r.row_id, "record": text or record_text(r.record), "reason": str(e), "prompt_ids": []})
@@ -115,9 +122,12 @@ class PreparePrompts:
 
     tokenizer: TokenizerSpec
     max_prompt_length: int | None
+    positions: int | None = None  # hf backend: prompt + max_tokens must fit the model's positions
+    max_tokens: int = 0
 
     def __call__(self, chunk: Chunk, rows: list[RawRow]) -> pa.Table:
-        prepared = prepare_prompts(rows, self.tokenizer.load(), self.max_prompt_length)
+        prepared = prepare_prompts(rows, self.tokenizer.load(), self.max_prompt_length, self.positions,
+                                   self.max_tokens)
         return pa.Table.from_pylist([{**p, "chunk_id": chunk.chunk_id} for p in prepared], schema=PREPARED_SCHEMA)
 
 
@@ -262,6 +272,24 @@ class GenerationSink:
         return {cid: len(v) for cid, v in self.done.items()}
 
 
+def _hf_room(cfg: GenerateConfig) -> tuple[int | None, int]:
+    """(the model's positions, max_tokens) that a prompt must fit with the hf backend, or
+    (None, 0): vLLM checks its own max_model_len (which knows rope scaling). Refuses a max_tokens
+    that leaves no room for any prompt."""
+    if cfg.backend != "hf":
+        return None, 0
+    from prefsel.models import model_positions
+
+    found = model_positions(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    if found is None:
+        return None, 0
+    limit, source = found
+    if cfg.sampling.max_tokens >= limit:
+        raise ValueError(f"max_tokens: {cfg.sampling.max_tokens} leaves no room for a prompt in the model's "
+                         f"{limit} positions ({source}); give at most {limit - 1}")
+    return limit, cfg.sampling.max_tokens
+
+
 def run_generate(cfg: GenerateConfig) -> dict:
     """Generate `num_samples` responses per prompt of `cfg.prompts` into `cfg.output`."""
     t0 = time.time()
@@ -274,6 +302,7 @@ def run_generate(cfg: GenerateConfig) -> dict:
 
         check_max_length(cfg.max_prompt_length, cfg.model, field="max_prompt_length",
                          trust_remote_code=cfg.trust_remote_code)
+    room = _hf_room(cfg)  # before an output exists
     plan = plan_source(cfg.prompts, cfg.chunk_rows, cfg.split)
     out = JsonlRunOutput(cfg.output, fingerprint(cfg, plan.files), kind="generations", overwrite=cfg.overwrite,
                          inputs=[("--model", cfg.model), ("--tokenizer", cfg.tokenizer),
@@ -281,7 +310,8 @@ def run_generate(cfg: GenerateConfig) -> dict:
     done = out.done_chunks()
     todo = [c for c in plan.chunks if c.chunk_id not in done]
     prepare = PreparePrompts(TokenizerSpec(cfg.tokenizer_path, cfg.chat_template, None, "reject",
-                                           cfg.trust_remote_code), cfg.max_prompt_length)
+                                           cfg.trust_remote_code), cfg.max_prompt_length,
+                             *room)
     rows_per_actor = {}
     if cfg.backend == "hf":
         writer = GeneratedShardWriter(out)
