@@ -202,7 +202,7 @@ def run_train(cfg: TrainConfig) -> dict:
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from prefsel.models import check_max_length, load_tokenizer, model_context_length
+    from prefsel.models import load_tokenizer, resolve_max_length
     from prefsel.jobs import init_ray
     from prefsel.run_output import SUMMARY, exists, read_json, write_text
     from prefsel.sources import filesystem_for
@@ -211,14 +211,12 @@ def run_train(cfg: TrainConfig) -> dict:
     from prefsel.train.loop import RESULT_NAME, train_loop_per_worker
 
     t0 = time.time()
-    models = [cfg.model, cfg.reference_path if cfg.needs_reference else None]
-    if cfg.max_length is not None:  # over the models' positions: refused before an output is touched
-        check_max_length(cfg.max_length, models, trust_remote_code=cfg.trust_remote_code)
-    _prepare_output(cfg)
     tok = load_tokenizer(cfg.tokenizer_path, trust_remote_code=cfg.trust_remote_code)
-    # unset: the models' context, as `prefsel score` (a longer row is a reject, never a crash in
-    # a learned-position model's forward or a rotary model trained past its range)
-    max_length = cfg.max_length or model_context_length(tok, models, trust_remote_code=cfg.trust_remote_code)
+    # as `prefsel score`: unset, the models' context (a longer row is a reject, never a crash in a
+    # learned-position model's forward); over their positions, refused before an output is touched
+    max_length = resolve_max_length(cfg.max_length, tok, [cfg.model, cfg.reference_path if cfg.needs_reference else None],
+                                    trust_remote_code=cfg.trust_remote_code)
+    _prepare_output(cfg)
     ptok = PairTokenizer(tok, cfg.chat_template, max_length, cfg.truncation)
     train = load_rows(cfg.data, cfg.task, ptok, fmt=cfg.format, split=cfg.split, margin_column=cfg.margin_column)
     evald = None
