@@ -18,6 +18,7 @@ The arguments are `serve.run.ServeArgs` (one pydantic model: types, bounds, defa
 # No `from __future__ import annotations`: Ray Serve reads build_app's annotation as a class.
 
 import asyncio
+import copy
 import hmac
 import math
 import os
@@ -106,10 +107,23 @@ app = FastAPI(
         f"type or out of range (strict types: beta is a number, 0 < beta <= {MAX_BETA:g}, not a bool "
         "or a string)."
     ),
-    docs_url=None,  # served below, behind the same bearer token as the API
+    docs_url=None,  # served below (the replica's own schema: with the bearer scheme when it has a token)
     openapi_url=None,
     redoc_url=None,
 )
+
+
+def openapi_spec(bearer: bool) -> dict:
+    """The app's OpenAPI schema; with `bearer`, the HTTP bearer scheme is declared and required on
+    every route that checks the token (those documenting a 401)."""
+    spec = copy.deepcopy(app.openapi())
+    if bearer:
+        spec.setdefault("components", {})["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        for ops in spec["paths"].values():
+            for op in ops.values():
+                if "401" in op.get("responses", {}):
+                    op["security"] = [{"bearer": []}]
+    return spec
 
 
 def _loc_to_field(loc: tuple) -> str:
@@ -278,6 +292,7 @@ class GapScorer:
         self.max_body = args.max_body_bytes
         self.max_chars = args.max_chars_per_field
         self.auth_token = args.auth_token or os.environ.get("PREFSEL_AUTH_TOKEN") or None
+        self._openapi_spec = openapi_spec(bearer=self.auth_token is not None)
         self.stats = _Stats()
         # Parsing, validation and tokenization run here, off the event loop (which keeps answering
         # /healthz and reading other bodies); one thread, as a fast tokenizer is not safe to call
@@ -467,14 +482,16 @@ class GapScorer:
                       "dtype": self.info["dtype"]},
         }
 
+    # The schema and its docs page describe the API, not the models or any data, and are open as
+    # vLLM's are: a browser loading /docs cannot send a bearer token with the page's own fetch of
+    # /openapi.json. With a token, the schema declares it (securitySchemes), so "Authorize" in
+    # the docs page sends it with "Try it out".
     @app.get("/openapi.json", include_in_schema=False)
-    async def openapi(self, request: Request) -> dict:
-        self._auth(request)
-        return app.openapi()
+    async def openapi(self) -> dict:
+        return self._openapi_spec
 
     @app.get("/docs", include_in_schema=False)
     async def docs(self, request: Request):
-        self._auth(request)
         root = request.scope.get("root_path", "").rstrip("/")
         return get_swagger_ui_html(openapi_url=f"{root}/openapi.json", title="prefsel gap scoring")
 

@@ -177,7 +177,7 @@ _FILE_KEYS = ("proxy_location", "http_options", "applications")
 _APP_KEYS = ("name", "route_prefix", "import_path", "args", "runtime_env", "deployments")
 _DEPLOYMENT_KEYS = ("name", "num_replicas", "max_ongoing_requests", "autoscaling_config", "ray_actor_options")
 _AUTOSCALING_KEYS = ("min_replicas", "max_replicas", "target_ongoing_requests")
-_ACTOR_KEYS = ("num_cpus", "num_gpus")
+_ACTOR_KEYS = ("num_cpus", "num_gpus", "runtime_env")
 
 
 def _key_path(loc: tuple) -> str:
@@ -261,7 +261,10 @@ def read_config(path: str) -> dict:
                              "set autoscaling_config min_replicas / max_replicas")
         app_args.update({k: d[k] for k in ("num_replicas", "max_ongoing_requests") if d.get(k) is not None})
         for k in ("autoscaling_config", "ray_actor_options"):
-            app_args.update({key: v for key, v in (d.get(k) or {}).items() if v is not None})
+            app_args.update({key: v for key, v in (d.get(k) or {}).items() if v is not None and key != "runtime_env"})
+        dep_env = (d.get("ray_actor_options") or {}).get("runtime_env")
+        if dep_env:  # the replicas': the GapScorer entry's over the application's
+            out["runtime_env"] = merge_runtime_env(out.get("runtime_env") or {}, dep_env)
     return out
 
 
@@ -304,9 +307,14 @@ def replica_runtime_env(app_env: dict) -> dict | None:
         return None
     import ray
 
-    job = dict(ray.get_runtime_context().runtime_env or {})
-    env_vars = {**(job.get("env_vars") or {}), **(app_env.get("env_vars") or {})}
-    return {**job, **app_env, **({"env_vars": env_vars} if env_vars else {})}
+    return merge_runtime_env(dict(ray.get_runtime_context().runtime_env or {}), app_env)
+
+
+def merge_runtime_env(parent: dict, child: dict) -> dict:
+    """`child` over `parent`, key by key, but env_vars merged variable by variable: Serve's rule
+    for an application's runtime_env over the job's and a deployment's over the application's."""
+    env_vars = {**(parent.get("env_vars") or {}), **(child.get("env_vars") or {})}
+    return {**parent, **child, **({"env_vars": env_vars} if env_vars else {})}
 
 
 def serve_main(argv: list[str] | None = None) -> int:

@@ -323,10 +323,19 @@ def test_replica_survives_bad_requests(server):
 def test_auth(server):
     ok = {"Authorization": f"Bearer {TOKEN}"}
     assert server.get("/auth/healthz").status_code == 200
-    for path in ("/auth/v1/models", "/auth/v1/stats", "/auth/openapi.json", "/auth/docs"):
+    for path in ("/auth/v1/models", "/auth/v1/stats"):
         assert server.get(path).status_code == 401, path
         assert server.get(path, headers={"Authorization": "Bearer wrong"}).status_code == 401, path
         assert server.get(path, headers=ok).status_code == 200, path
+    # the docs page and its schema are open (the page's own fetch of the schema sends no token);
+    # the schema declares the bearer scheme on exactly the routes that check it
+    docs = server.get("/auth/docs")
+    assert docs.status_code == 200 and "/auth/openapi.json" in docs.text
+    spec = server.get("/auth/openapi.json").json()
+    assert spec["components"]["securitySchemes"] == {"bearer": {"type": "http", "scheme": "bearer"}}
+    secured = {path for path, ops in spec["paths"].items() for op in ops.values() if op.get("security")}
+    assert secured == {"/v1/gap", "/v1/models", "/v1/stats"}
+    assert "securitySchemes" not in server.get("/openapi.json").json().get("components", {})
     r = server.post("/auth/v1/gap", json={"pairs": PAIRS[:1]})
     assert r.status_code == 401 and "bearer" in r.json()["detail"]
     assert server.post("/auth/v1/gap", json={"pairs": PAIRS[:1]}, headers={"Authorization": TOKEN}).status_code == 401
@@ -752,6 +761,24 @@ def test_print_config_shows_runtime_env_and_proxy_location(tiny_models, tmp_path
     assert out["app_args"]["num_cpus"] == 0.5 and out["http"] == {"host": "127.0.0.1", "port": 9124}
 
 
+def test_a_deployments_runtime_env_goes_over_the_applications(tiny_models, tmp_path, capsys):
+    """The GapScorer entry's ray_actor_options.runtime_env over the application's, env_vars merged
+    one by one, as Serve merges them for `serve run` (before: refused as a key not read)."""
+    import yaml
+
+    from serve.run import serve_main
+
+    path = _serve_config(tmp_path, tiny_models, 9126, runtime_env={"env_vars": {"A": "1", "B": "1"}, "pip": ["x"]})
+    cfg = yaml.safe_load(path.read_text())
+    cfg["applications"][0]["deployments"][0]["ray_actor_options"]["runtime_env"] = {
+        "env_vars": {"B": "2", "PREFSEL_AUTH_TOKEN": TOKEN}, "pip": ["y"]}
+    path.write_text(yaml.safe_dump(cfg))
+    assert serve_main(["--config", str(path), "--print-config"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["runtime_env"] == {"env_vars": {"A": "1", "B": "2", "PREFSEL_AUTH_TOKEN": "***"}, "pip": ["y"]}
+    assert "runtime_env" not in out["app_args"] and out["app_args"]["num_cpus"] == 0.5
+
+
 def _edit(cfg: dict, where: tuple, value) -> dict:
     d = cfg
     for k in where[:-1]:
@@ -772,8 +799,9 @@ UNREAD_CASES = [
      "applications[0].deployments[0].autoscaling_config.upscale_delay_s: not read"),
     (("applications", 0, "deployments", 0, "ray_actor_options", "memory"), 10**9,
      "applications[0].deployments[0].ray_actor_options.memory: not read"),
-    (("applications", 0, "deployments", 0, "ray_actor_options", "runtime_env"), {"env_vars": {"A": "1"}},
-     "applications[0].deployments[0].ray_actor_options.runtime_env: not read"),
+    (("applications", 0, "deployments", 0, "ray_actor_options", "runtime_env"), {"working_dir": "."},
+     "applications[0].deployments[0].ray_actor_options.runtime_env: runtime_envs in the Serve config support "
+     "only remote URIs"),  # Ray's own check
     (("applications", 0, "deployments", 0, "num_replicas"), "auto",
      "applications[0].deployments[0].num_replicas: 'auto' is not read"),
     (("applications", 0, "deployments", 0, "name"), "Other",

@@ -194,6 +194,13 @@ def test_a_run_that_failed_before_any_checkpoint_resumes_with_other_settings(ray
     s = _run([*argv, "--learning-rate", "1e-3", "--resume"])
     assert s["resumed_from_step"] == 0 and s["steps"] == 2
     assert (tmp_path / "out" / "train" / FINGERPRINT).exists()
+    # a resume over a fingerprint checks it and writes it back from one listing and stamping
+    import prefsel.train.job as job
+
+    made = []
+    monkeypatch.setattr(job, "train_fingerprint", lambda cfg, f=job.train_fingerprint: made.append(1) or f(cfg))
+    s = _run([*argv, "--learning-rate", "1e-3", "--resume"])
+    assert s["steps"] == 2 and len(made) == 1
 
 
 def test_a_max_length_over_the_models_positions_is_refused_before_anything(toy, tmp_path):

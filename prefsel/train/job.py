@@ -11,11 +11,13 @@ depend on timing.)
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import posixpath
 import time
 from collections import Counter
+from collections.abc import Callable
 
 from prefsel.train.config import TrainConfig, is_local_uri
 
@@ -121,10 +123,11 @@ def train_fingerprint(cfg: TrainConfig) -> dict:
     }
 
 
-def _check_resumed_run(cfg: TrainConfig) -> None:
+def _check_resumed_run(cfg: TrainConfig, fingerprint: Callable[[], dict]) -> None:
     """Refuse a --resume whose settings differ from those the run was started with: Ray Train
     would restore its checkpoint and train on, a mix of two runs under one name. A run folder
-    without a fingerprint (no run there yet, or one of an older prefsel) passes."""
+    without a fingerprint (no run there yet, or one of an older prefsel) passes. `fingerprint`
+    gives this run's (`train_fingerprint`), computed only when there is one to compare."""
     from prefsel.run_output import exists, fingerprint_diff, read_json
     from prefsel.sources import filesystem_for
 
@@ -132,20 +135,21 @@ def _check_resumed_run(cfg: TrainConfig) -> None:
     path = posixpath.join(run, FINGERPRINT)
     if not exists(fs, path):
         return
-    old, new = read_json(fs, path), train_fingerprint(cfg)
+    old, new = read_json(fs, path), fingerprint()
     if old != new:
         changes = fingerprint_diff(old, new, since="it started")
         raise ValueError(f"--resume: the run in {cfg.run_uri} was started with other settings ({changes}); "
                          "pass the flags it was started with, or --overwrite to start afresh")
 
 
-def _write_fingerprint(cfg: TrainConfig) -> None:
+def _write_fingerprint(cfg: TrainConfig, fingerprint: dict | None = None) -> None:
+    """Leave `fingerprint` (default: `train_fingerprint(cfg)`) in the run folder, for a later --resume."""
     from prefsel.run_output import write_text
     from prefsel.sources import filesystem_for
 
     fs, run = filesystem_for(cfg.run_uri)
     fs.create_dir(run, recursive=True)
-    write_text(fs, posixpath.join(run, FINGERPRINT), json.dumps(train_fingerprint(cfg), indent=1))
+    write_text(fs, posixpath.join(run, FINGERPRINT), json.dumps(fingerprint or train_fingerprint(cfg), indent=1))
 
 
 def _forget_fingerprint_without_checkpoint(cfg: TrainConfig) -> None:
@@ -162,7 +166,7 @@ def _forget_fingerprint_without_checkpoint(cfg: TrainConfig) -> None:
         fs.delete_file(posixpath.join(run, FINGERPRINT))
 
 
-def _prepare_output(cfg: TrainConfig) -> None:
+def _prepare_output(cfg: TrainConfig, fingerprint: Callable[[], dict] | None = None) -> None:
     """Refuse (or, with --overwrite, delete) what an earlier run left, unless --resume.
 
     Two places hold a run: OUTPUT (final/, metrics, summary) and Ray Train's run folder
@@ -173,10 +177,11 @@ def _prepare_output(cfg: TrainConfig) -> None:
     refused first."""
     from prefsel.run_output import refuse_overlap
 
+    fingerprint = fingerprint or functools.partial(train_fingerprint, cfg)
     refuse_overlap(cfg.output, [("--model", cfg.model), ("--ref-model", cfg.ref_model), ("--tokenizer", cfg.tokenizer),
                                 ("--data", cfg.data), ("--eval-data", cfg.eval_data)])
     if cfg.resume:
-        _check_resumed_run(cfg)
+        _check_resumed_run(cfg, fingerprint)
         if is_local_uri(cfg.output):
             os.makedirs(cfg.output, exist_ok=True)
         return
@@ -216,7 +221,10 @@ def run_train(cfg: TrainConfig) -> dict:
     # learned-position model's forward); over their positions, refused before an output is touched
     max_length = resolve_max_length(cfg.max_length, tok, [cfg.model, cfg.reference_path if cfg.needs_reference else None],
                                     trust_remote_code=cfg.trust_remote_code)
-    _prepare_output(cfg)
+    # the data listed and the inputs stamped once (LIST calls on object storage): a resume writes
+    # back the fingerprint it was checked with
+    fingerprint = functools.cache(functools.partial(train_fingerprint, cfg))
+    _prepare_output(cfg, fingerprint)
     ptok = PairTokenizer(tok, cfg.chat_template, max_length, cfg.truncation)
     train = load_rows(cfg.data, cfg.task, ptok, fmt=cfg.format, split=cfg.split, margin_column=cfg.margin_column)
     evald = None
@@ -269,7 +277,7 @@ def run_train(cfg: TrainConfig) -> dict:
         dataset_config=DataConfig(datasets_to_split=[]),
     )
     if not cfg.local_mode:  # local mode keeps no checkpoints: nothing to resume
-        _write_fingerprint(cfg)
+        _write_fingerprint(cfg, fingerprint())
     try:
         result = trainer.fit()
     except BaseException:
