@@ -12,6 +12,7 @@ import sys
 from functools import partial
 
 from prefsel.flags import (
+    DefaultsHelpFormatter,
     add_actor_flags,
     add_console_flags,
     add_data_flags,
@@ -91,17 +92,24 @@ def cmd_select(args: argparse.Namespace) -> dict:
     if not args.scores:
         if not (args.data and args.policy and args.reference):
             raise SystemExit("prefsel select: needs --scores, or --data with --policy and --reference")
-        from prefsel.score_job import run_score
-
-        scores_out = args.scores_output or args.output.rstrip("/") + "-scores"
-        print_summary("prefsel score", run_score(score_config(args, output=scores_out)))
-        args.scores = scores_out
-    cfg = SelectConfig(
-        scores=args.scores, output=args.output, ratio=args.ratio, top_k=args.top_k, strategy=args.strategy,
+    scores_out = args.scores or args.scores_output or args.output.rstrip("/") + "-scores"
+    cfg = SelectConfig(  # its flags checked before a corpus is scored for it
+        scores=scores_out, output=args.output, ratio=args.ratio, top_k=args.top_k, strategy=args.strategy,
         gap_range=tuple(args.gap_range) if args.gap_range else None, seed=args.seed, overwrite=args.overwrite,
         band=tuple(args.band) if args.band else None, min_gap=args.min_gap, max_gap=args.max_gap,
         report_rows=args.report_rows,
     )
+    if not args.scores:
+        from prefsel.score_job import run_score
+
+        # the same command again (after a failed or changed selection) selects from the scores
+        # it made, when inputs, models and settings are unchanged: no second scoring pass
+        scored = run_score(score_config(args, output=scores_out), reuse_complete=True)
+        if scored.get("reused"):
+            print(f"prefsel select: {scores_out} holds the finished scores of these inputs, models and "
+                  "settings: selecting from them (--overwrite scores again)", flush=True)
+        else:
+            print_summary("prefsel score", scored)
     summary = run_select(cfg)
     print_summary("prefsel select", summary)
     return summary
@@ -183,14 +191,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prefsel", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (make, _, help_) in COMMANDS.items():
-        make(sp := sub.add_parser(name, help=help_, description=help_))
+        make(sp := sub.add_parser(name, help=help_, description=help_, formatter_class=DefaultsHelpFormatter))
         if name in LONG_COMMANDS:
             _add_console_flags(sp)
     for name in _available_plugins():
         module = _plugin(name)
         if hasattr(module, "add_arguments"):
             help_ = PLUGIN_COMMANDS[name][1]
-            module.add_arguments(sp := sub.add_parser(name, help=help_, description=help_))
+            module.add_arguments(sp := sub.add_parser(name, help=help_, description=help_,
+                                                      formatter_class=DefaultsHelpFormatter))
             if name in LONG_COMMANDS:
                 _add_console_flags(sp)
     return parser

@@ -10,6 +10,7 @@ exist (--beta, --max-length, --chat-template, --ref-model / --pretrain aliases).
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import re
 from typing import Any
@@ -29,6 +30,30 @@ def default_of(cls: type, name: str) -> Any:
     else:
         raise KeyError(f"{cls.__name__}.{head} has no default")
     return getattr(value, rest) if rest else value
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """`--help` with each flag's default, where a flag's help does not already give it: every
+    value flag with a default other than None (a switch's False, or a None the config resolves
+    later, e.g. train's per-task learning rate, says nothing and is left out)."""
+
+    @staticmethod
+    def _shows_default(action: argparse.Action) -> bool:
+        d = action.default
+        return (bool(action.option_strings) and action.nargs != 0 and d is not None and d is not argparse.SUPPRESS
+                and not isinstance(d, bool) and "default" not in (action.help or "").lower())
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not self._shows_default(action):
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if action.help is None and self._shows_default(action):  # argparse prints no help line for None
+            action = copy.copy(action)
+            action.help = "default: %(default)s"
+        return super()._format_action(action)
 
 
 def _help(text: str, value: Any) -> str:

@@ -204,8 +204,21 @@ def job_fingerprint(cfg: JobConfig, files: list[str], models: tuple[str, ...], s
         **{name: model_stamp(getattr(cfg, name)) for name in models},
         "tokenizer": model_stamp(cfg.tokenizer_path),
         "chat_template": chat_template_stamp(cfg.chat_template),
-        **{k: getattr(cfg, k) for k in ("chunk_rows", "split", "dtype", *settings)},
+        **{k: getattr(cfg, k) for k in ("chunk_rows", "split", *settings)},
+        "dtype": compute_dtype(cfg),
     }
+
+
+def compute_dtype(cfg: JobConfig) -> str:
+    """The dtype a job's actors compute in, `auto` resolved for the device they ask for (bf16 with
+    GPUs, float32 without; prefsel.models.resolve_dtype): a run started on GPUs is not resumed on
+    CPUs into the same output, nor one started in fp32 on GPUs in bf16."""
+    import torch
+
+    from prefsel.models import resolve_dtype
+
+    device = torch.device("cuda" if cfg.resources.gpus_per_actor > 0 else "cpu")
+    return str(resolve_dtype(cfg.dtype, device)).removeprefix("torch.")
 
 
 # ---- the tokenizer, once per worker process --------------------------------------------------------

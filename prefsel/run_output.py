@@ -235,3 +235,16 @@ def check_complete(uri: str) -> dict:
     if not manifest.get("complete"):
         raise ValueError(f"{uri} is an unfinished run; rerun the command to resume it")
     return manifest
+
+
+def finished_summary(uri: str, fingerprint: dict) -> dict | None:
+    """The summary of a finished output at `uri` made with `fingerprint`, else None (no output
+    there, an unfinished one, or one of another fingerprint: RunOutput then resumes or refuses it)."""
+    fs, path = filesystem_for(uri.rstrip("/"))
+    mpath = posixpath.join(path, MANIFEST)
+    if not exists(fs, mpath):
+        return None
+    manifest = read_json(fs, mpath)
+    if not manifest.get("complete") or manifest.get("fingerprint") != fingerprint:
+        return None
+    return read_json(fs, posixpath.join(path, manifest.get("summary", SUMMARY)))

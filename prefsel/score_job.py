@@ -18,7 +18,7 @@ from prefsel.formats import FORMATS, detect_format
 from prefsel.jobs import (ActorResources, JobConfig, ModelActor, TokenizerSpec, check_attn, job_fingerprint,
                           original_record, run_chunks)
 from prefsel.prepare import infer_schema, prepare_rows, record_schema
-from prefsel.run_output import RunOutput
+from prefsel.run_output import RunOutput, finished_summary
 from prefsel.scoring import SCORE_COLUMNS, ScoreConfig
 from prefsel.sources import Chunk, RawRow, absolute_local, plan_source, sample_records
 from prefsel.tokenization import TRUNCATION_MODES
@@ -171,8 +171,12 @@ def scores_schema(schema: pa.Schema) -> pa.Schema:
 # ---- the job ------------------------------------------------------------------------------------
 
 
-def run_score(cfg: ScoreJobConfig) -> dict:
-    """Score every pair of `cfg.data` into `cfg.output`; returns the summary (also summary.json)."""
+def run_score(cfg: ScoreJobConfig, *, reuse_complete: bool = False) -> dict:
+    """Score every pair of `cfg.data` into `cfg.output`; returns the summary (also summary.json).
+
+    `reuse_complete` (`prefsel select --data`): a finished output of this very fingerprint (the
+    same inputs, models and settings) is kept and its summary returned, `reused` set, so the same
+    command reruns its selection without scoring again; a finished output of another is refused."""
     from prefsel.models import load_tokenizer, resolve_max_length
     from prefsel.summary import all_rejected_error, score_summary
     from prefsel.tokenization import rendering_note
@@ -190,7 +194,12 @@ def run_score(cfg: ScoreJobConfig) -> dict:
     # here, before an output or an actor exists, when over the models' positions.
     cfg = replace(cfg, max_length=resolve_max_length(cfg.max_length, tok, [cfg.policy, cfg.reference],
                                                      trust_remote_code=cfg.trust_remote_code))
-    out = RunOutput(cfg.output, fingerprint(cfg, plan.files, fmt), kind="scores", overwrite=cfg.overwrite,
+    fp = fingerprint(cfg, plan.files, fmt)
+    if reuse_complete and not cfg.overwrite:
+        prior = finished_summary(cfg.output, fp)
+        if prior is not None:
+            return {**prior, "reused": True}
+    out = RunOutput(cfg.output, fp, kind="scores", overwrite=cfg.overwrite,
                     inputs=[("--policy", cfg.policy), ("--reference", cfg.reference), ("--tokenizer", cfg.tokenizer),
                             *(("--data", f) for f in (cfg.data, *plan.files))])
     done = out.done_chunks()

@@ -212,6 +212,17 @@ def _prefsel_manifest(fs: pafs.FileSystem, path: str) -> dict | None:
     return manifest if isinstance(manifest, dict) and "kind" in manifest else None
 
 
+def _refuse_inside_unfinished(fs: pafs.FileSystem, folder: str, data: str) -> None:
+    """`folder` (or the one above it) as an unfinished prefsel output: the rows `data` names lie in
+    a run still being written (its scores/, or a shard of it). Locally the folder's name ends in
+    .partial; on object storage nothing in the name says so, and half a run was read as data."""
+    for _ in range(2):
+        manifest = _prefsel_manifest(fs, folder) if folder else None
+        if manifest is not None and not manifest.get("complete"):
+            raise ValueError(f"--data: {data!r} lies in the unfinished prefsel run {folder!r}; rerun it to finish")
+        folder = posixpath.dirname(folder)
+
+
 def _prefsel_data(fs: pafs.FileSystem, path: str, data: str) -> tuple[str, list[str] | None]:
     """Where the rows of a prefsel output live, so rejects and metadata are never read as data.
 
@@ -219,6 +230,7 @@ def _prefsel_data(fs: pafs.FileSystem, path: str, data: str) -> tuple[str, list[
     """
     manifest = _prefsel_manifest(fs, path)
     if manifest is None:
+        _refuse_inside_unfinished(fs, posixpath.dirname(path), data)
         return path, None
     if not manifest.get("complete"):
         raise ValueError(f"--data: {data!r} is an unfinished prefsel run; rerun it to finish")
@@ -305,9 +317,12 @@ def _list_files(data: str) -> tuple[pafs.FileSystem, list[str], str]:
         files = _glob_files(fs, path)
         if not files:
             raise FileNotFoundError(f"--data: no files match {data!r}")
+        for folder in sorted({posixpath.dirname(f) for f in files}):
+            _refuse_inside_unfinished(fs, folder, data)
         return fs, files, "glob"
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.File:
+        _refuse_inside_unfinished(fs, posixpath.dirname(path), data)
         return fs, [path], "file"
     if info.type == pafs.FileType.Directory:
         if _is_hf_disk(fs, path):

@@ -154,6 +154,11 @@ def test_generate_and_annotate_prepare_never_raise_for_a_row(pair_tok):
     assert prepare_prompts(rows[:1], pair_tok, None, positions=n + 7, max_tokens=8)[0]["reason"] == \
         f"field 'prompt': too long: {n} tokens + max_tokens 8 > the model's {n + 7} positions"
     assert annotate_rows(rows[:1], Broken())[0]["reason"] == "row: IndexError: bug"
+    # a row's own row_id beyond the outputs' int64 column: that row's reject (it aborted the job)
+    big = [RawRow(0, {**multi, "row_id": 2**70}), RawRow(1, {**multi, "row_id": 7})]
+    for out in (prepare_prompts(big, pair_tok, None), annotate_rows(big, pair_tok)):
+        assert out[0]["reason"] == f"field 'row_id': {2**70} is outside the 64-bit integers an output row_id holds"
+        assert out[0]["out_id"] == 0 and out[1]["reason"] is None and out[1]["out_id"] == 7
 
 
 # ---- 16.5: too long for the model is rejected by default ----------------------------------------------

@@ -206,3 +206,31 @@ def test_serve_refuses_a_max_length_over_the_models_positions_before_ray(tiny_mo
     with pytest.raises(ValueError, match=r"^max_length: 1025 exceeds the models' 1024 positions"):
         build_app({"policy": tiny_models[0], "reference": tiny_models[1], "max_length": 1025})
     build_app({"policy": tiny_models[0], "reference": tiny_models[1], "max_length": 1024})  # the limit itself is taken
+
+
+def test_select_with_data_checks_its_flags_before_scoring_and_reuses_its_scores(ray_local, tiny_models, tmp_path, capsys):
+    """`prefsel select --data`: a bad selection flag is refused before the corpus is scored (it
+    was refused after, and the corrected rerun then met its own finished scores); the same
+    command again selects from the finished scores of the same inputs and settings without
+    scoring again; scores of other settings are refused, never selected from."""
+    data = write_jsonl(tmp_path / "in.jsonl", [{"prompt": f"q{i}", "chosen": f"a{i} x", "rejected": f"b{i} y z"}
+                                               for i in range(8)])
+    base = ["select", "--policy", tiny_models[0], "--reference", tiny_models[1], "--data", str(data)]
+    sel = tmp_path / "sel"
+    assert main([*base, "--output", str(sel), "--ratio", "1.5"]) == 2
+    assert "--ratio must be in (0, 1]" in capsys.readouterr().err
+    assert not (tmp_path / "sel-scores").exists() and not (tmp_path / "sel-scores.partial").exists()
+    assert main([*base, "--output", str(sel), "--ratio", "0.5"]) == 0
+    first = json.loads((tmp_path / "sel-scores" / "summary.json").read_text())
+    capsys.readouterr()
+    # another selection from the same scores: reused (the summary is the first run's, unchanged)
+    assert main([*base, "--output", str(tmp_path / "sel2"), "--scores-output", str(tmp_path / "sel-scores"),
+                 "--ratio", "0.25"]) == 0
+    assert "holds the finished scores of these inputs, models and settings" in capsys.readouterr().out
+    assert json.loads((tmp_path / "sel-scores" / "summary.json").read_text()) == first
+    assert json.loads((tmp_path / "sel2" / "summary.json").read_text())["rows_selected"] == 2
+    # other scoring settings into the same scores output: refused, not reused
+    assert main([*base, "--output", str(tmp_path / "sel3"), "--scores-output", str(tmp_path / "sel-scores"),
+                 "--beta", "0.5"]) == 2
+    assert "sel-scores already exists; pass --overwrite" in capsys.readouterr().err
+    assert not (tmp_path / "sel3").exists()

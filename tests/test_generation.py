@@ -132,6 +132,36 @@ def test_hf_samples_are_seeded_and_batch_invariant(policy):
     assert all(tok.eos_token_id not in x.token_ids for x in mixed)
 
 
+def test_a_failing_batch_is_split_so_only_the_failing_request_errs(policy, monkeypatch):
+    """A batch whose generate raises is halved down to the request that fails alone: its
+    batch-mates get the samples they get in any batch (before: every request of the batch was a
+    reject, so whether a row survived depended on the batching); out of GPU memory even alone is
+    the machine's limit: it raises (the chunk is retried by a rerun), it is no reject."""
+    model, tok = policy
+    cfg = SamplingConfig(num_samples=1, temperature=1.0, max_tokens=6)
+    reqs = [SampleRequest(k, tok(f"prompt number {k}" + " word" * k)["input_ids"], 100 + k) for k in range(6)]
+    plain = generate_samples(model, tok, reqs, cfg, max_batch_size=1)
+    own = type(model).generate
+    poison = len(reqs[4].prompt_ids)
+
+    def failing(self, input_ids=None, **kw):
+        if any(int(m.sum()) == poison for m in kw["attention_mask"]):
+            raise RuntimeError("bad row")
+        return own(self, input_ids=input_ids, **kw)
+
+    monkeypatch.setattr(type(model), "generate", failing)
+    got = generate_samples(model, tok, reqs, cfg, max_batch_size=6)
+    assert [g.error for g in got] == [None] * 4 + ["generation error: RuntimeError: bad row", None]
+    assert [g.token_ids for i, g in enumerate(got) if i != 4] == [p.token_ids for i, p in enumerate(plain) if i != 4]
+
+    def oom(self, input_ids=None, **kw):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(type(model), "generate", oom)
+    with pytest.raises(torch.OutOfMemoryError):
+        generate_samples(model, tok, reqs, cfg, max_batch_size=6)
+
+
 def test_hf_temperature_zero_is_greedy(policy):
     model, tok = policy
     ids = tok("Hello there")["input_ids"]
@@ -181,7 +211,8 @@ def test_hf_ignores_the_models_generation_config(policy, tiny_models, tmp_path):
 
 def test_vllm_request_rows_fan_out_one_request_per_sample():
     cfg = SamplingConfig(num_samples=4, temperature=0.9, top_p=0.95, max_tokens=2048, seed=7)
-    rows = request_rows({"row_id": 12, "chunk_id": 3, "prompt_ids": [1, 5, 6], "reason": None}, cfg, [2, 9])
+    rows = request_rows({"row_id": 12, "out_id": 12, "first_sample": 0, "chunk_id": 3, "prompt_ids": [1, 5, 6],
+                         "reason": None}, cfg, [2, 9])
     assert [r["sample_index"] for r in rows] == [0, 1, 2, 3]
     for k, r in enumerate(rows):
         assert r["row_id"] == 12 and r["chunk_id"] == 3 and r["tokenized_prompt"] == [1, 5, 6]
@@ -195,6 +226,10 @@ def test_vllm_request_rows_fan_out_one_request_per_sample():
         assert "prompt" not in r and "messages" not in r  # no second template / tokenization
     assert len({r["sampling_params"]["seed"] for r in rows}) == 4
     assert request_rows({"row_id": 1, "chunk_id": 0, "prompt_ids": [], "reason": "field 'prompt': empty"}, cfg, [2]) == []
+    # a row of a prefsel output keeps its id, and its new samples follow the 2 it came with
+    again = request_rows({"row_id": 1, "out_id": 40, "first_sample": 2, "chunk_id": 0, "prompt_ids": [1],
+                          "reason": None}, cfg, [2])
+    assert [r["sampling_params"]["seed"] for r in again] == [sample_seed(7, 40, 2 + k) for k in range(4)]
     assert sampling_params(cfg, 5, [2])["seed"] == 5
 
 
@@ -348,6 +383,38 @@ def test_rewards_at_last_real_token_and_batch_invariant(tiny_rm):
         assert v == pytest.approx(ref, abs=1e-5)
 
 
+def test_a_rows_copies_of_one_response_get_the_very_same_reward(tiny_rm):
+    """Copies of a response in a row (same token ids) are scored once: their rewards are equal, not
+    equal but for the last digits, so to-pairs finds them tied; the other rewards are those of
+    the responses scored without the copies."""
+    from prefsel.generation.annotate_job import score_rows
+    from prefsel.packing import Layout
+
+    model, tok, _ = tiny_rm
+    a, b = [40, 41, 2], [50, 51, 52, 2]
+    rows = [{"prompt_ids": [1, 10, 11], "response_ids": [a, b, a, a, [60, 2]]},
+            {"prompt_ids": [1, 20], "response_ids": [b, b]}]
+    for layout in (Layout(), Layout(packing=False), Layout(share_prompt=False), Layout(max_tokens=8)):
+        out = score_rows(model, rows, tok.pad_token_id, layout, "cpu")
+        r0, r1 = out[0]["rewards"], out[1]["rewards"]
+        assert r0[0] == r0[2] == r0[3] and r1[0] == r1[1]
+        alone = score_rows(model, [{"prompt_ids": [1, 10, 11], "response_ids": [a, b, [60, 2]]}],
+                           tok.pad_token_id, layout, "cpu")[0]["rewards"]
+        assert [r0[0], r0[1], r0[4]] == pytest.approx(alone, abs=1e-5)
+        assert out[0]["tokens"] == 5 * 3 + sum(map(len, rows[0]["response_ids"]))  # every response's tokens
+
+
+def test_carried_row_id():
+    from prefsel.generation.prompts import carried_row_id
+
+    assert carried_row_id({"row_id": 12}, 3) == 12 and carried_row_id({"row_id": -4}, 3) == -4
+    for record in ({"row_id": True}, {"row_id": "12"}, {"row_id": 1.0}, {}, "text", None):
+        assert carried_row_id(record, 3) == 3  # not an integer id: the position
+    for bad in (2**63, -(2**63) - 1, 2**70):
+        with pytest.raises(RowError, match=f"field 'row_id': {bad} is outside the 64-bit integers"):
+            carried_row_id({"row_id": bad}, 0)
+
+
 def test_rewards_not_fooled_when_pad_is_eos(tiny_rm):
     from prefsel.generation.rewards import score_groups
 
@@ -398,6 +465,14 @@ def test_a_response_tied_with_the_best_is_never_its_negative():
             choose_pair([0.5, 0.5, 0.5], strategy)
     # a row's own negative row_id (numpy seeds refuse negatives): folded, not an unexpected error
     assert choose_pair(untied, "hps", row_id=-1) == choose_pair(untied, "hps", row_id=2**64 - 1)
+    # with the texts: a copy of the chosen one is no negative, whatever its reward
+    texts = ["A", "B", "A", "C"]
+    assert {choose_pair([2.0, 0.0, 1.9999999, -1.0], "hps", gamma=5.0, row_id=i, responses=texts)[1]
+            for i in range(200)} == {1, 3}
+    assert choose_pair([2.0, 0.0, 1.9999999, 1.0], "best-worst", responses=["A", "B", "A", "A"]) == (0, 1)
+    for strategy in ("hps", "best-worst"):
+        with pytest.raises(RowError, match="field 'responses': every response rated below the best is a copy"):
+            choose_pair([2.0, 1.9999999], strategy, responses=["A", "A"])
 
 
 def test_make_pair_and_rejects():

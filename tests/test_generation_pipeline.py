@@ -40,7 +40,7 @@ def test_generate_rows_and_rejects(run_dirs):
     out = run_dirs["tmp"] / "gen"
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["rows_in"], summary["rows_out"], summary["rows_rejected"]) == (6, 3, 3)
-    assert summary["samples"] == 9 and summary["generated_tokens"] > 0
+    assert summary["samples"] == 9 and summary["generated_tokens"] > 0 and summary["stats_cover"] == "all chunks"
     rows = read_rows(str(out))
     assert [r["row_id"] for r in rows] == [0, 1, 4]
     assert rows[0]["source"] == "a" and rows[0]["prompt"] == "What is the capital of France?"
@@ -145,6 +145,43 @@ def test_vllm_backend_wiring_with_a_fake_engine(run_dirs, monkeypatch):
     assert rows[0]["response_tokens"] == [2, 2, 2] and rows[0]["finished"] == [True] * 3
     reasons = {r["row_id"]: r["reason"] for r in read_rejects(str(tmp / "genv"))}
     assert reasons[4] == "generation error: boom (1 of 3 samples failed)" and set(reasons) == {2, 3, 4, 5}
+
+
+def test_generate_over_its_own_output_keeps_row_ids_and_draws_new_samples(run_dirs, monkeypatch):
+    """Generating again over a generate output appends new samples: seeded after the responses a
+    row came with (before: sample k of the rerun repeated sample k of the first run, so the
+    appended responses were exact copies), under the row's own row_id (before: renumbered by
+    position, [0, 1, 4] -> [0, 1, 2]); hf and vllm (fake engine) backends alike."""
+    import prefsel.generation.vllm_backend as vb
+    from prefsel.generation.prompts import sample_seed
+
+    tmp = run_dirs["tmp"]
+    first = read_rows(str(tmp / "gen"))
+    gen = list(run_dirs["gen_cmd"])
+    gen[gen.index("--prompts") + 1] = str(tmp / "gen")
+    assert main([*gen, "--output", str(tmp / "gen-again")]) == 0
+    again = read_rows(str(tmp / "gen-again"))
+    assert [r["row_id"] for r in again] == [r["row_id"] for r in first] == [0, 1, 4]
+    for a, b in zip(first, again):
+        old = a["responses"]
+        assert b["responses"][:len(old)] == old and len(b["responses"]) > len(old)
+        assert b["responses"][len(old):] != old[len(old) - 3:]  # not the first run's samples again
+
+    def _fake_engine(row: dict) -> dict:
+        from prefsel.generation.vllm_backend import parse_output_row
+
+        out = {"row_id": row["row_id"], "chunk_id": row["chunk_id"], "sample_index": row["sample_index"]}
+        return parse_output_row({**out, "generated_text": f"seed {row['sampling_params']['seed']}",
+                                 "generated_tokens": [5, 2], "__inference_error__": ""}, [2])
+
+    monkeypatch.setattr(vb, "require_vllm", lambda: None)
+    monkeypatch.setattr(vb, "build_vllm_processor", lambda kw, stops, check=True: (lambda ds: ds.map(_fake_engine)))
+    cmd = [("vllm" if a == "hf" else a) for a in gen]
+    assert main([*cmd, "--output", str(tmp / "genv-again")]) == 0
+    for a, b in zip(first, read_rows(str(tmp / "genv-again"))):
+        n = len(a["responses"])
+        assert b["row_id"] == a["row_id"]
+        assert b["responses"] == a["responses"] + [f"seed {sample_seed(1, a['row_id'], n + k)}" for k in range(3)]
 
 
 def test_annotate_rescores_stale_rewards_and_truncates_on_request(run_dirs):

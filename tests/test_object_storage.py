@@ -223,6 +223,15 @@ def test_unfinished_or_foreign_s3_output_is_refused(tiny_models, s3, tmp_path):
     _put(client, "runs/partial/scores/part-000000.parquet", "not read")
     with pytest.raises(ValueError, match="unfinished"):
         run_select(SelectConfig(scores=f"s3://{BUCKET}/runs/partial", output=f"s3://{BUCKET}/runs/x"))
+    # nor is its scores/ folder, a shard of it, or a glob into it read as data (before: its
+    # finished shards passed as a whole corpus; nothing in an object's name marks it partial)
+    from prefsel.sources import data_files
+
+    for inside in ("runs/partial/scores", "runs/partial/scores/", "runs/partial/scores/part-000000.parquet",
+                   "runs/partial/scores/*.parquet"):
+        with pytest.raises(ValueError, match=rf"lies in the unfinished prefsel run '{BUCKET}/runs/partial'"):
+            data_files(f"s3://{BUCKET}/{inside}")
+    assert data_files(f"s3://{BUCKET}/small/in.jsonl") == [f"s3://{BUCKET}/small/in.jsonl"]
     # an unfinished run of other settings at the same place: refused, not mixed
     with pytest.raises(FileExistsError, match="different input"):
         run_score(ScoreJobConfig(policy=tiny_models[0], reference=tiny_models[1],

@@ -116,3 +116,21 @@ def test_switching_hash_inputs_is_named_not_an_input_change(tiny_models, tmp_pat
             RunOutput(common["output"], new, kind="scores")
         assert f"--hash-inputs was {was} for the unfinished run" in str(e.value)
         assert "input file changed" not in str(e.value)
+
+
+def test_the_fingerprint_holds_the_dtype_the_actors_compute_in(tiny_models, tmp_path):
+    """--dtype auto is bf16 with GPUs and float32 without: a run killed on GPU actors does not
+    resume on CPU actors into the same output (one output, scores of two precisions). An alias
+    and its name are one dtype."""
+    from prefsel.jobs import ActorResources
+
+    data = write_jsonl(tmp_path / "in.jsonl", make_demo_pairs(4, seed=3))
+
+    def fp(dtype: str, gpus: float) -> dict:
+        cfg = ScoreJobConfig(policy=tiny_models[0], reference=tiny_models[1], data=str(data),
+                             output=str(tmp_path / "o"), dtype=dtype, resources=ActorResources(gpus_per_actor=gpus))
+        return fingerprint(cfg, [str(data)], "pairs")
+
+    assert fp("auto", 1)["dtype"] == "bfloat16" and fp("auto", 0)["dtype"] == "float32"
+    assert fp("auto", 1) != fp("auto", 0)
+    assert fp("float32", 1) == fp("fp32", 0) == fp("auto", 0)

@@ -20,6 +20,7 @@ import pyarrow as pa
 from prefsel.checks import require
 from prefsel.formats import RowError, to_example
 from prefsel.generation.output import JsonlRunOutput
+from prefsel.generation.prompts import carried_row_id
 from prefsel.jobs import ActorResources, ModelActor, TokenizerSpec, group_by_owner
 from prefsel.jobs import JobConfig, check_attn, job_fingerprint, original_record, run_chunks
 from prefsel.packing import DEFAULT_MAX_TOKENS_PER_BATCH, ForwardStats, Layout
@@ -75,13 +76,12 @@ def prepare_multi_rows(rows, tokenizer) -> list[dict]:
             out.append({**base, "record": r.reject_text(), "reason": r.error or not_object_reason(None)})
             continue
         rec = r.record
-        if isinstance(rec, dict) and isinstance(rec.get("row_id"), int) and not isinstance(rec.get("row_id"), bool):
-            base["out_id"] = rec["row_id"]  # keep the id given by `prefsel generate`
         text = None
         try:  # one bad row never aborts the job: any failure is its reject reason
             problem = value_problem(rec) if isinstance(rec, dict) else None
             if problem:
                 raise RowError(problem)
+            base["out_id"] = carried_row_id(rec, r.row_id)  # the id `prefsel generate` gave
             text = dumps(rec)
             # an old `rewards` is replaced, not validated: a row re-annotated after its responses changed
             ex = to_example({k: v for k, v in rec.items() if k != "rewards"}, "multi")
@@ -130,16 +130,22 @@ class RewardActor(ModelActor):
 def score_rows(model, rows: list[dict], pad_token_id: int, layout: Layout, device,
                stats: ForwardStats | None = None) -> list[dict]:
     """{rewards, tokens} (or a reject reason) for each usable row; all responses batched by
-    tokens, each row's responses sharing its prompt (by default)."""
+    tokens, each row's responses sharing its prompt (by default).
+
+    A row's copies of one response (same token ids: common at low temperature or for short
+    answers) are scored once and share that reward exactly. Scored apart, their rewards differed
+    in the last float digits with their batch-mates, and to-pairs then paired a text with itself."""
     from prefsel.generation.rewards import score_groups
 
-    values = score_groups(model, [(r["prompt_ids"], r["response_ids"]) for r in rows], pad_token_id,
-                          layout=layout, device=device, stats=stats) if rows else []
-    owner = [i for i, r in enumerate(rows) for _ in r["response_ids"]]
-    per_row = group_by_owner(owner, values, len(rows))
+    distinct = [list(dict.fromkeys(map(tuple, r["response_ids"]))) for r in rows]
+    values = score_groups(model, [(r["prompt_ids"], [list(x) for x in d]) for r, d in zip(rows, distinct)],
+                          pad_token_id, layout=layout, device=device, stats=stats) if rows else []
+    owner = [i for i, d in enumerate(distinct) for _ in d]
+    per_distinct = group_by_owner(owner, values, len(rows))
     out = []
     for i, r in enumerate(rows):
-        rewards = per_row[i]
+        reward_of = dict(zip(distinct[i], per_distinct[i]))
+        rewards = [reward_of[tuple(x)] for x in r["response_ids"]]
         if not all(math.isfinite(v) for v in rewards):
             out.append({"reason": "reward: non-finite reward from the reward model (overflow? try --dtype fp32)"})
             continue

@@ -24,16 +24,19 @@ from prefsel.checks import require
 from prefsel.formats import RowError
 from prefsel.generation.hf_backend import SampleRequest, SamplingConfig
 from prefsel.generation.output import JsonlRunOutput
-from prefsel.generation.prompts import encode_prompt, parse_prompt_row, sample_seed
+from prefsel.generation.prompts import carried_row_id, encode_prompt, parse_prompt_row, sample_seed
 from prefsel.generation.vllm_backend import SAMPLE_COLUMNS
 from prefsel.jobs import ActorResources, JobConfig, ModelActor, TokenizerSpec, job_fingerprint, original_record, run_chunks
 from prefsel.logprobs import DEFAULT_MAX_TOKENS_PER_BATCH
 from prefsel.sources import Chunk, RawRow, plan_source
 
 BACKENDS = ("vllm", "hf")
+# row_id: the row's position in this input (the key samples are grouped by); out_id: the id it
+# is written with and seeded by (`carried_row_id`); first_sample: the index of its first new
+# sample, after the responses it came with, so a rerun over its own output draws new samples
 PREPARED_SCHEMA = pa.schema([
-    ("row_id", pa.int64()), ("chunk_id", pa.int64()), ("record", pa.large_string()),
-    ("reason", pa.string()), ("prompt_ids", pa.list_(pa.int32())),
+    ("row_id", pa.int64()), ("out_id", pa.int64()), ("first_sample", pa.int64()), ("chunk_id", pa.int64()),
+    ("record", pa.large_string()), ("reason", pa.string()), ("prompt_ids", pa.list_(pa.int32())),
 ])
 SAMPLE_SCHEMA = pa.schema([
     ("row_id", pa.int64()), ("chunk_id", pa.int64()), ("sample_index", pa.int64()),
@@ -85,14 +88,17 @@ def prepare_prompts(rows, tokenizer, max_prompt_length: int | None, positions: i
     """Validate and tokenize raw prompt rows (sources.RawRow); every row comes out, maybe with a reason.
     With `positions` (the hf backend's model), a prompt whose `max_tokens` new tokens could run
     past them is a reject: generating there crashes a learned-position model (vLLM stops a
-    request at its own max_model_len instead)."""
+    request at its own max_model_len instead). The full prompt + max_tokens must fit, one more
+    than generating needs (the last token is never fed back): the row must fit to be scored and
+    trained on."""
     from prefsel.prepare import dumps, record_text, unexpected_reason
     from prefsel.sources import not_object_reason, value_problem
 
     out = []
     for r in rows:
+        base = {"row_id": r.row_id, "out_id": r.row_id, "first_sample": 0}
         if r.record is None:
-            out.append({"row_id": r.row_id, "record": r.reject_text(), "reason": r.error or not_object_reason(None),
+            out.append({**base, "record": r.reject_text(), "reason": r.error or not_object_reason(None),
                         "prompt_ids": []})
             continue
         text = None
@@ -101,17 +107,19 @@ def prepare_prompts(rows, tokenizer, max_prompt_length: int | None, positions: i
             if problem:
                 raise RowError(problem)
             text = dumps(r.record)
-            ids = encode_prompt(tokenizer, parse_prompt_row(r.record).example)
+            row = parse_prompt_row(r.record)
+            ids = encode_prompt(tokenizer, row.example)
+            base.update(out_id=carried_row_id(r.record, r.row_id), first_sample=len(row.existing))
             if max_prompt_length is not None and len(ids) > max_prompt_length:
                 raise RowError(f"field 'prompt': too long: {len(ids)} tokens > max_prompt_length {max_prompt_length}")
             if positions is not None and len(ids) + max_tokens > positions:
                 raise RowError(f"field 'prompt': too long: {len(ids)} tokens + max_tokens {max_tokens} > the "
                                f"model's {positions} positions")
-            out.append({"row_id": r.row_id, "record": text, "reason": None, "prompt_ids": ids})
+            out.append({**base, "record": text, "reason": None, "prompt_ids": ids})
         except RowError as e:
-            out.append({"row_id": r.row_id, "record": text or record_text(r.record), "reason": str(e), "prompt_ids": []})
+            out.append({**base, "record": text or record_text(r.record), "reason": str(e), "prompt_ids": []})
         except Exception as e:  # noqa: BLE001
-            out.append({"row_id": r.row_id, "record": text or record_text(r.record), "reason": unexpected_reason(e),
+            out.append({**base, "record": text or record_text(r.record), "reason": unexpected_reason(e),
                         "prompt_ids": []})
     return out
 
@@ -132,14 +140,15 @@ class PreparePrompts:
 
 
 def usable_only(batch: pa.Table) -> pa.Table:
-    return batch.filter(pc.is_null(batch["reason"])).select(["row_id", "chunk_id", "prompt_ids"])
+    return batch.filter(pc.is_null(batch["reason"])).select(["row_id", "out_id", "first_sample", "chunk_id",
+                                                               "prompt_ids"])
 
 
 class GenerateActor(ModelActor):
     """hf backend: holds the policy; turns each usable prompt into its output row (K samples)."""
 
-    inputs = ("row_id", "record", "prompt_ids")
-    consumed = ("prompt_ids",)
+    inputs = ("out_id", "first_sample", "record", "prompt_ids")
+    consumed = ("out_id", "first_sample", "prompt_ids")
     results = pa.schema([("reason", pa.string()), ("output", pa.large_string()), *[(k, pa.int64()) for k in STAT_KEYS]])
 
     def __init__(self, resources: ActorResources, cfg: GenerateConfig) -> None:
@@ -155,7 +164,7 @@ class GenerateActor(ModelActor):
         from prefsel.generation.hf_backend import generate_samples
 
         s = self.cfg.sampling
-        reqs = [SampleRequest((i, k), r["prompt_ids"], sample_seed(s.seed, r["row_id"], k))
+        reqs = [SampleRequest((i, k), r["prompt_ids"], sample_seed(s.seed, r["out_id"], r["first_sample"] + k))
                 for i, r in enumerate(rows) for k in range(s.num_samples)]
         results = generate_samples(self.model, self.tokenizer, reqs, s, device=self.device,
                                    max_tokens_per_batch=self.cfg.max_tokens_per_batch,
@@ -166,7 +175,7 @@ class GenerateActor(ModelActor):
                                       "sample_finished": x.finished, "sample_error": x.error})
         out = []
         for r, smp in zip(rows, samples):
-            row, reason, stats = assemble_row(json.loads(r["record"]), r["row_id"], smp)
+            row, reason, stats = assemble_row(json.loads(r["record"]), r["out_id"], smp)
             stats["prompt_tokens"] = len(r["prompt_ids"])
             out.append({"reason": reason, "output": None if row is None else json.dumps(row, ensure_ascii=False),
                         **stats})
@@ -243,7 +252,7 @@ class GenerationSink:
             reject = {"row_id": rid, "reason": row["reason"], "record": original_record(row["record"])}
             self.done[cid].append((rid, None, reject))
         else:
-            self.pending[rid] = {"chunk_id": cid, "record": row["record"], "samples": []}
+            self.pending[rid] = {"chunk_id": cid, "out_id": row["out_id"], "record": row["record"], "samples": []}
 
     def check_all(self) -> None:
         for cid in list(self.done):
@@ -255,7 +264,7 @@ class GenerationSink:
         if len(p["samples"]) == self.num_samples:
             del self.pending[s["row_id"]]
             record = json.loads(p["record"])
-            row, reason, stats = assemble_row(record, s["row_id"], p["samples"])
+            row, reason, stats = assemble_row(record, p["out_id"], p["samples"])
             for k, v in stats.items():
                 self.stats[k] += v
             reject = None if reason is None else {"row_id": s["row_id"], "reason": reason, "record": record}
@@ -328,6 +337,8 @@ def run_generate(cfg: GenerateConfig) -> dict:
     summary = {
         "rows_in": rows_in, "rows_out": c["rows_out"], "rows_rejected": c["rows_rejected"],
         "reject_reasons": c["reject_reasons"], "responses": c["responses"], **stats,
+        # rows and responses count the whole output; the sample and token counts this run's chunks
+        "stats_cover": "all chunks" if not done else f"the {len(todo)} chunks generated by this run",
         "rows_per_actor": rows_per_actor,
         "tokens_per_s": round(tokens / wall, 1) if wall > 0 and not done else None,
         "wall_s": round(wall, 2), "resumed_chunks": len(done), "chunks": len(plan.chunks),
@@ -351,7 +362,7 @@ def _run_vllm(cfg: GenerateConfig, out: JsonlRunOutput, todo: list[Chunk], prepa
     if not todo:
         return sink.stats
     prepared = read_prepared(todo, prepare).materialize()
-    for b in prepared.select_columns(["row_id", "chunk_id", "record", "reason", "prompt_ids"]).iter_batches(
+    for b in prepared.select_columns(["row_id", "out_id", "chunk_id", "record", "reason", "prompt_ids"]).iter_batches(
             batch_format="pyarrow", batch_size=4096):
         for row in b.to_pylist():
             sink.stats["prompt_tokens"] += len(row["prompt_ids"] or [])

@@ -22,7 +22,8 @@ from prefsel.packing import DEFAULT_MAX_TOKENS_PER_BATCH, plan_token_batches
 class SamplingConfig:
     """How responses are sampled, shared by both backends. The defaults make a quick run; the HPS
     paper samples K=100 responses per prompt at temperature 0.9 with up to 2048 new tokens.
-    Sample k of row r is seeded from (seed, r, k), so results do not depend on batching."""
+    Sample k of row r is seeded from (seed, r, k), so results do not depend on batching
+    (up to float rounding of the padded logits, which can move a draw that lands on a boundary)."""
 
     num_samples: int = 4
     temperature: float = 0.9
@@ -143,7 +144,10 @@ def generate_samples(
     max_batch_size: int | None = 64,
     device: torch.device | str = "cpu",
 ) -> list[SampleResult]:
-    """Generate one sample per request; results in request order. A failing batch gives errors.
+    """Generate one sample per request; results in request order. A batch that fails is split in
+    halves down to the request that fails alone, whose result carries the error (so a row's fate
+    never depends on its batch-mates); a request that runs out of GPU memory even alone raises
+    instead (the chunk fails, and a rerun retries it, rather than rejecting the row for good).
 
     Only `cfg` decides how tokens are chosen: `generate` fills every setting its config leaves
     unset from `model.generation_config` (the folder's generation_config.json: repetition_penalty,
@@ -161,33 +165,43 @@ def generate_samples(
     gen_cfg = GenerationConfig(do_sample=False, max_new_tokens=cfg.max_tokens, eos_token_id=stop, pad_token_id=pad)
     own_config = model.generation_config  # restored in the finally below
     model.generation_config = GenerationConfig(eos_token_id=stop, pad_token_id=pad)
+    def run(batch: list[int]) -> None:
+        reqs = [requests[i] for i in batch]
+        width = max(len(r.prompt_ids) for r in reqs)
+        ids = torch.full((len(reqs), width), pad, dtype=torch.long)
+        attn = torch.zeros((len(reqs), width), dtype=torch.long)
+        for j, r in enumerate(reqs):  # left padding: every prompt ends at the same column
+            ids[j, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids, dtype=torch.long)
+            attn[j, width - len(r.prompt_ids):] = 1
+        try:
+            with torch.no_grad():
+                out = model.generate(
+                    input_ids=ids.to(device), attention_mask=attn.to(device), generation_config=gen_cfg,
+                    logits_processor=[SeededSampler([r.seed for r in reqs], cfg.temperature, cfg.top_p)],
+                )
+        except Exception as e:  # noqa: BLE001 - reported per row, the run goes on
+            if len(batch) > 1:  # halves until the request that fails is alone: its batch-mates get samples
+                del ids, attn
+                if isinstance(e, torch.OutOfMemoryError):
+                    torch.cuda.empty_cache()
+                run(batch[: len(batch) // 2])
+                run(batch[len(batch) // 2:])
+                return
+            if isinstance(e, torch.OutOfMemoryError):  # the machine's limit, not the row's: no reject for
+                raise  # good; the chunk fails, and a rerun (or a smaller --max-tokens) retries it
+            results[batch[0]] = SampleResult(reqs[0].key, [], "", False, f"generation error: {type(e).__name__}: {e}"[:500])
+            return
+        new = out[:, width:].tolist()
+        for i, r, toks in zip(batch, reqs, new):
+            cut = next((k for k, t in enumerate(toks) if t in stop), None)
+            finished = cut is not None
+            toks = toks[:cut] if finished else toks
+            text = tokenizer.decode(toks, skip_special_tokens=True)
+            results[i] = SampleResult(r.key, toks, text, finished)
+
     try:
         for batch in plan_token_batches(lengths, max_tokens_per_batch, max_batch_size):
-            reqs = [requests[i] for i in batch]
-            width = max(len(r.prompt_ids) for r in reqs)
-            ids = torch.full((len(reqs), width), pad, dtype=torch.long)
-            attn = torch.zeros((len(reqs), width), dtype=torch.long)
-            for j, r in enumerate(reqs):  # left padding: every prompt ends at the same column
-                ids[j, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids, dtype=torch.long)
-                attn[j, width - len(r.prompt_ids):] = 1
-            try:
-                with torch.no_grad():
-                    out = model.generate(
-                        input_ids=ids.to(device), attention_mask=attn.to(device), generation_config=gen_cfg,
-                        logits_processor=[SeededSampler([r.seed for r in reqs], cfg.temperature, cfg.top_p)],
-                    )
-            except Exception as e:  # noqa: BLE001 - reported per row, the run goes on
-                msg = f"generation error: {type(e).__name__}: {e}"[:500]
-                for i, r in zip(batch, reqs):
-                    results[i] = SampleResult(r.key, [], "", False, msg)
-                continue
-            new = out[:, width:].tolist()
-            for i, r, toks in zip(batch, reqs, new):
-                cut = next((k for k, t in enumerate(toks) if t in stop), None)
-                finished = cut is not None
-                toks = toks[:cut] if finished else toks
-                text = tokenizer.decode(toks, skip_special_tokens=True)
-                results[i] = SampleResult(r.key, toks, text, finished)
+            run(list(batch))
     finally:
         model.generation_config = own_config
     return results  # type: ignore[return-value]

@@ -32,10 +32,13 @@ STRATEGIES = ("hps", "best-worst")
 _DROP = ("row_id", "responses", "rewards", "response_tokens", "finished")
 
 
-def choose_pair(rewards, strategy: str, *, gamma: float = 1.0, seed: int = 0, row_id: int = 0) -> tuple[int, int]:
+def choose_pair(rewards, strategy: str, *, gamma: float = 1.0, seed: int = 0, row_id: int = 0,
+                responses: list | None = None) -> tuple[int, int]:
     """(chosen index, rejected index) of one row. Only a response rated below the best is a
     negative: one tied with it states no preference (as a pair it is noise, and the same text
-    twice is a pair with no gradient), so a row whose responses all tie is a reject."""
+    twice is a pair with no gradient), so a row whose responses all tie is a reject. With
+    `responses`, a copy of the chosen text is no negative either, whatever its reward (rewards
+    from elsewhere may differ by rounding between copies)."""
     r = np.asarray(rewards, dtype=np.float64)
     if r.size < 2:
         raise RowError(f"field 'responses': need at least 2 responses to make a pair, got {r.size}")
@@ -45,6 +48,11 @@ def choose_pair(rewards, strategy: str, *, gamma: float = 1.0, seed: int = 0, ro
     lower = np.flatnonzero(r < r[chosen])
     if lower.size == 0:
         raise RowError(f"field 'rewards': all {r.size} responses tie at {r[chosen]:.6g}: no pair states a preference")
+    if responses is not None:
+        lower = np.array([j for j in lower if responses[j] != responses[chosen]], dtype=np.int64)
+        if lower.size == 0:
+            raise RowError("field 'responses': every response rated below the best is a copy of it: "
+                           "no pair states a preference")
     if strategy == "best-worst":
         return chosen, int(lower[r[lower] == r[lower].min()][-1])
     # hps: the sampler on the best and the responses below it (the same draw as on the whole row
@@ -61,7 +69,7 @@ def make_pair(record: dict, row_id: int, strategy: str, *, gamma: float = 1.0, s
     ex = to_example(record, "multi")
     if ex.rewards is None:
         raise RowError("field 'rewards': missing (run `prefsel annotate` first)")
-    c, j = choose_pair(ex.rewards, strategy, gamma=gamma, seed=seed, row_id=row_id)
+    c, j = choose_pair(ex.rewards, strategy, gamma=gamma, seed=seed, row_id=row_id, responses=ex.responses)
     gap = ex.rewards[c] - ex.rewards[j]
     if min_reward_gap is not None and gap < min_reward_gap:
         raise RowError(f"field 'rewards': reward gap {gap:.4g} < min_reward_gap {min_reward_gap}")

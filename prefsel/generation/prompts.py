@@ -48,6 +48,21 @@ def parse_prompt_row(record: Any) -> PromptRow:
     return PromptRow(ex, list(existing))
 
 
+INT64 = (-(2**63), 2**63)  # the range of the outputs' int64 row_id column
+
+
+def carried_row_id(record: Any, position: int) -> int:
+    """The `row_id` a row keeps through generate, annotate and to-pairs: the record's own integer
+    one (a prefsel output's, which may skip the ids of rows rejected earlier), else its position in
+    this input. RowError naming the field for one the outputs' int64 column cannot hold."""
+    rid = record.get("row_id") if isinstance(record, dict) else None
+    if not isinstance(rid, int) or isinstance(rid, bool):
+        return position
+    if not INT64[0] <= rid < INT64[1]:
+        raise RowError(f"field 'row_id': {rid} is outside the 64-bit integers an output row_id holds")
+    return rid
+
+
 def encode_prompt(tokenizer: PairTokenizer, ex: Example) -> list[int]:
     """The prompt's token ids exactly as PairTokenizer.encode produces them (template, one BOS)."""
     return tokenizer.encode_prompt(ex)
@@ -61,8 +76,10 @@ def prompt_value(ex: Example) -> Any:
 def sample_seed(seed: int, row_id: int, sample_index: int) -> int:
     """Seed of one sample: a function of (run seed, row id, sample index) only.
 
-    So a sample is the same whatever the batching, the number of actors or the backend's
-    request order; distinct samples of a row get independent streams. Fits vLLM's int seed.
+    So a sample is the same (up to the float rounding of its logits) whatever the batching, the
+    number of actors or the backend's request order; distinct samples of a row get independent
+    streams. Fits vLLM's int seed.
     """
-    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(row_id), int(sample_index)]).generate_state(2)
+    # a row id is folded to 64 bits: SeedSequence takes no negative entropy (an input's own ids may be)
+    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(row_id) % 2**64, int(sample_index)]).generate_state(2)
     return int((int(state[0]) << 31) ^ int(state[1])) & 0x7FFFFFFFFFFFFFFF

@@ -66,19 +66,21 @@ def sampling_params(cfg: SamplingConfig, seed: int, stop_ids: list[int]) -> dict
 def request_rows(row: dict, cfg: SamplingConfig, stop_ids: list[int]) -> list[dict]:
     """Fan one prepared prompt row out into `num_samples` engine request rows (Ray flat_map fn).
 
-    `row` holds row_id, chunk_id and prompt_ids (the chat-templated prompt, one BOS); rows with a
-    reject reason produce no request.
+    `row` holds row_id, chunk_id and prompt_ids (the chat-templated prompt, one BOS), and out_id
+    and first_sample, which seed sample k by (seed, out_id, first_sample + k) as the hf backend
+    does; rows with a reject reason produce no request.
     """
     if row.get("reason"):
         return []
     rid, ids = int(row["row_id"]), [int(t) for t in row["prompt_ids"]]
+    seed_id, first = int(row["out_id"]), int(row["first_sample"])
     return [
         {
             "row_id": rid,
             "chunk_id": int(row["chunk_id"]),
             "sample_index": k,
             "tokenized_prompt": ids,
-            "sampling_params": sampling_params(cfg, sample_seed(cfg.seed, rid, k), stop_ids),
+            "sampling_params": sampling_params(cfg, sample_seed(cfg.seed, seed_id, first + k), stop_ids),
         }
         for k in range(cfg.num_samples)
     ]

@@ -7,7 +7,8 @@ from __future__ import annotations
 import argparse
 from functools import partial
 
-from prefsel.flags import add_data_flags, add_layout_flags, add_model_flags, config_from_args, default_of
+from prefsel.flags import (DefaultsHelpFormatter, add_data_flags, add_layout_flags, add_model_flags, config_from_args,
+                           default_of)
 from prefsel.losses import DPO_LOSS_TYPES
 
 HELP = {
@@ -111,7 +112,7 @@ def _shared(p: argparse.ArgumentParser, task: str) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="task", required=True)
     for task in ("rm", "dpo", "hps", "sft"):
-        _shared(sub.add_parser(task, help=HELP[task], description=HELP[task]), task)
+        _shared(sub.add_parser(task, help=HELP[task], description=HELP[task], formatter_class=DefaultsHelpFormatter), task)
 
 
 def config(args: argparse.Namespace):
