@@ -234,7 +234,7 @@ def main(argv=None) -> int:
                 dt = time.perf_counter() - t0
                 best = dt if best is None else min(best, dt)
             record(f"prefsel {label}, {attn}", best, gaps, peak_gib(device))
-            if attn == args.attn[0] and lay.share_prompt:
+            if attn == args.attn[0] and lay.shares:  # packed + shared (a padded layout keeps share_prompt set)
                 bf16_gaps = gaps
         if args.profile and attn == args.attn[0]:
             table = profile_table(models, groups, Layout(max_tokens=args.max_tokens), device, trace=args.trace)

@@ -138,6 +138,8 @@ def _bare(a) -> dict:
     pair_tokenizer, scorer, _ = load_scorer(ScorerArgs(policy=policy, reference=reference, dtype=a.dtype,
                                                                device=str(device)))
     load_s = time.perf_counter() - t0
+    if device.type == "cuda":  # the peak from the loaded models on: not that of building them in this process
+        torch.cuda.reset_peak_memory_stats()
     ppr = a.pairs_per_request
 
     def request(i: int) -> list:  # request i's pairs, as the client picks them

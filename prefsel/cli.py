@@ -100,7 +100,11 @@ def cmd_select(args: argparse.Namespace) -> dict:
         report_rows=args.report_rows,
     )
     if not args.scores:
+        from prefsel.run_output import finished_output
         from prefsel.score_job import run_score
+
+        if finished_output(args.output) and not args.overwrite:  # before a corpus is scored for it
+            raise FileExistsError(f"{args.output} already exists; pass --overwrite to replace it")
 
         # the same command again (after a failed or changed selection) selects from the scores
         # it made, when inputs, models and settings are unchanged: no second scoring pass

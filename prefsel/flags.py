@@ -32,6 +32,9 @@ def default_of(cls: type, name: str) -> Any:
     return getattr(value, rest) if rest else value
 
 
+_SAYS_DEFAULT = re.compile(r"\bdefault\b", re.IGNORECASE)  # a help text giving its default ("default_rng" does not)
+
+
 class DefaultsHelpFormatter(argparse.HelpFormatter):
     """`--help` with each flag's default, where a flag's help does not already give it: every
     value flag with a default other than None (a switch's False, or a None the config resolves
@@ -41,7 +44,7 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
     def _shows_default(action: argparse.Action) -> bool:
         d = action.default
         return (bool(action.option_strings) and action.nargs != 0 and d is not None and d is not argparse.SUPPRESS
-                and not isinstance(d, bool) and "default" not in (action.help or "").lower())
+                and not isinstance(d, bool) and not _SAYS_DEFAULT.search(action.help or ""))
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""

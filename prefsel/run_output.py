@@ -145,13 +145,11 @@ class RunOutput:
         self.fingerprint = fingerprint
         self.kind = kind
         manifest_final = posixpath.join(self.final, MANIFEST)
-        if exists(self.fs, self.final) and (self.local or exists(self.fs, manifest_final)):
-            done = self.local or read_json(self.fs, manifest_final).get("complete", False)
-            if done and not overwrite:
+        if _finished(self.fs, self.final, self.local):
+            if not overwrite:
                 raise FileExistsError(f"{self.uri} already exists; pass --overwrite to replace it")
-            if done:
-                self.fs.delete_dir(self.final)
-        elif not self.local and _holds_objects(self.fs, self.final):
+            self.fs.delete_dir(self.final)
+        elif not self.local and not exists(self.fs, manifest_final) and _holds_objects(self.fs, self.final):
             # no manifest: not a prefsel run (each writes its manifest before any shard), and
             # part-NNNNNN files there would be taken for finished chunks
             if not overwrite:
@@ -161,13 +159,13 @@ class RunOutput:
         manifest = posixpath.join(self.dir, MANIFEST)
         if exists(self.fs, manifest):
             old = read_json(self.fs, manifest)
-            if old.get("fingerprint") != fingerprint and not overwrite:
+            if not same_run(old.get("fingerprint") or {}, fingerprint) and not overwrite:
                 raise FileExistsError(
                     f"{self.uri} holds an unfinished run of a different input, model or setting "
                     f"({fingerprint_diff(old.get('fingerprint') or {}, fingerprint)}); "
                     "pass --overwrite to discard it, or choose another --output"
                 )
-            if old.get("fingerprint") != fingerprint:
+            if not same_run(old.get("fingerprint") or {}, fingerprint):
                 self.fs.delete_dir(self.dir)
         for sub in ("", *subdirs):
             self.fs.create_dir(posixpath.join(self.dir, sub) if sub else self.dir, recursive=True)
@@ -237,14 +235,38 @@ def check_complete(uri: str) -> dict:
     return manifest
 
 
-def finished_summary(uri: str, fingerprint: dict) -> dict | None:
-    """The summary of a finished output at `uri` made with `fingerprint`, else None (no output
-    there, an unfinished one, or one of another fingerprint: RunOutput then resumes or refuses it)."""
+def _finished(fs: pafs.FileSystem, final: str, local: bool) -> bool:
+    """A finished output is at `final`: locally the folder itself (a run in progress is
+    FINAL.partial); on object storage, a manifest marked complete."""
+    if local:
+        return exists(fs, final)
+    mpath = posixpath.join(final, MANIFEST)
+    return exists(fs, mpath) and bool(read_json(fs, mpath).get("complete", False))
+
+
+def finished_output(uri: str) -> bool:
+    """Whether `uri` holds a finished output (RunOutput refuses it without --overwrite)."""
+    fs, final = filesystem_for(uri.rstrip("/"))
+    return _finished(fs, final, isinstance(fs, pafs.LocalFileSystem))
+
+
+def finished_run(uri: str) -> tuple[dict, dict] | None:
+    """(fingerprint, summary) of a finished prefsel output at `uri`, else None (nothing there, an
+    unfinished run, or a folder that is no prefsel output)."""
     fs, path = filesystem_for(uri.rstrip("/"))
     mpath = posixpath.join(path, MANIFEST)
     if not exists(fs, mpath):
         return None
     manifest = read_json(fs, mpath)
-    if not manifest.get("complete") or manifest.get("fingerprint") != fingerprint:
+    if not manifest.get("complete"):
         return None
-    return read_json(fs, posixpath.join(path, manifest.get("summary", SUMMARY)))
+    return manifest.get("fingerprint") or {}, read_json(fs, posixpath.join(path, manifest.get("summary", SUMMARY)))
+
+
+def same_run(old: dict, new: dict) -> bool:
+    """Whether fingerprint `old` (a manifest's) is `new`'s run. Before prefsel recorded the dtype
+    `auto` resolves to (`prefsel.jobs.compute_dtype`), a fingerprint held "auto": such a run
+    matches as it did then, whichever dtype that is now."""
+    if old.get("dtype") == "auto" and new.get("dtype") not in (None, "auto"):
+        old = {**old, "dtype": new["dtype"]}
+    return old == new

@@ -18,7 +18,7 @@ from prefsel.formats import FORMATS, detect_format
 from prefsel.jobs import (ActorResources, JobConfig, ModelActor, TokenizerSpec, check_attn, job_fingerprint,
                           original_record, run_chunks)
 from prefsel.prepare import infer_schema, prepare_rows, record_schema
-from prefsel.run_output import RunOutput, finished_summary
+from prefsel.run_output import RunOutput, fingerprint_diff, finished_run, same_run
 from prefsel.scoring import SCORE_COLUMNS, ScoreConfig
 from prefsel.sources import Chunk, RawRow, absolute_local, plan_source, sample_records
 from prefsel.tokenization import TRUNCATION_MODES
@@ -176,7 +176,8 @@ def run_score(cfg: ScoreJobConfig, *, reuse_complete: bool = False) -> dict:
 
     `reuse_complete` (`prefsel select --data`): a finished output of this very fingerprint (the
     same inputs, models and settings) is kept and its summary returned, `reused` set, so the same
-    command reruns its selection without scoring again; a finished output of another is refused."""
+    command reruns its selection without scoring again, --overwrite or not; a finished output of
+    another is refused naming what differs (with --overwrite, replaced)."""
     from prefsel.models import load_tokenizer, resolve_max_length
     from prefsel.summary import all_rejected_error, score_summary
     from prefsel.tokenization import rendering_note
@@ -195,10 +196,14 @@ def run_score(cfg: ScoreJobConfig, *, reuse_complete: bool = False) -> dict:
     cfg = replace(cfg, max_length=resolve_max_length(cfg.max_length, tok, [cfg.policy, cfg.reference],
                                                      trust_remote_code=cfg.trust_remote_code))
     fp = fingerprint(cfg, plan.files, fmt)
-    if reuse_complete and not cfg.overwrite:
-        prior = finished_summary(cfg.output, fp)
-        if prior is not None:
-            return {**prior, "reused": True}
+    prior = finished_run(cfg.output) if reuse_complete else None
+    if prior is not None:
+        if same_run(prior[0], fp):  # even with --overwrite: scoring again would give these scores
+            return {**prior[1], "reused": True}
+        if not cfg.overwrite:
+            raise FileExistsError(f"{cfg.output} holds the finished scores of other inputs, models or settings "
+                                  f"({fingerprint_diff(prior[0], fp, since='they were made')}); pass --overwrite "
+                                  "to score again, or choose another --scores-output")
     out = RunOutput(cfg.output, fp, kind="scores", overwrite=cfg.overwrite,
                     inputs=[("--policy", cfg.policy), ("--reference", cfg.reference), ("--tokenizer", cfg.tokenizer),
                             *(("--data", f) for f in (cfg.data, *plan.files))])

@@ -17,7 +17,7 @@ import os
 import posixpath
 import re
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -209,18 +209,20 @@ def _prefsel_manifest(fs: pafs.FileSystem, path: str) -> dict | None:
             manifest = json.loads(f.read())
         except json.JSONDecodeError:
             return None
-    return manifest if isinstance(manifest, dict) and "kind" in manifest else None
+    # prefsel's own: its kind and fingerprint (another tool's manifest.json is data's neighbour)
+    return manifest if isinstance(manifest, dict) and "kind" in manifest and "fingerprint" in manifest else None
 
 
-def _refuse_inside_unfinished(fs: pafs.FileSystem, folder: str, data: str) -> None:
-    """`folder` (or the one above it) as an unfinished prefsel output: the rows `data` names lie in
-    a run still being written (its scores/, or a shard of it). Locally the folder's name ends in
-    .partial; on object storage nothing in the name says so, and half a run was read as data."""
-    for _ in range(2):
+def _refuse_inside_unfinished(fs: pafs.FileSystem, folders: Iterable[str], data: str) -> None:
+    """Refuse `data` when one of `folders` (the folders its files are in), or the one above it, is an
+    unfinished prefsel output: its rows lie in a run still being written (its scores/, or a shard
+    of it). Locally that folder's name ends in .partial; on object storage nothing in a key says
+    so, and half a run was read as data. Each folder is looked at once (one request or two)."""
+    near = {f.rstrip("/") for f in folders}
+    for folder in sorted(near | {posixpath.dirname(f) for f in near}):
         manifest = _prefsel_manifest(fs, folder) if folder else None
         if manifest is not None and not manifest.get("complete"):
             raise ValueError(f"--data: {data!r} lies in the unfinished prefsel run {folder!r}; rerun it to finish")
-        folder = posixpath.dirname(folder)
 
 
 def _prefsel_data(fs: pafs.FileSystem, path: str, data: str) -> tuple[str, list[str] | None]:
@@ -230,7 +232,7 @@ def _prefsel_data(fs: pafs.FileSystem, path: str, data: str) -> tuple[str, list[
     """
     manifest = _prefsel_manifest(fs, path)
     if manifest is None:
-        _refuse_inside_unfinished(fs, posixpath.dirname(path), data)
+        _refuse_inside_unfinished(fs, [posixpath.dirname(path.rstrip("/"))], data)
         return path, None
     if not manifest.get("complete"):
         raise ValueError(f"--data: {data!r} is an unfinished prefsel run; rerun it to finish")
@@ -317,12 +319,11 @@ def _list_files(data: str) -> tuple[pafs.FileSystem, list[str], str]:
         files = _glob_files(fs, path)
         if not files:
             raise FileNotFoundError(f"--data: no files match {data!r}")
-        for folder in sorted({posixpath.dirname(f) for f in files}):
-            _refuse_inside_unfinished(fs, folder, data)
+        _refuse_inside_unfinished(fs, {posixpath.dirname(f) for f in files}, data)
         return fs, files, "glob"
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.File:
-        _refuse_inside_unfinished(fs, posixpath.dirname(path), data)
+        _refuse_inside_unfinished(fs, [posixpath.dirname(path)], data)
         return fs, [path], "file"
     if info.type == pafs.FileType.Directory:
         if _is_hf_disk(fs, path):

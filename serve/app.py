@@ -487,8 +487,11 @@ class GapScorer:
     # /openapi.json. With a token, the schema declares it (securitySchemes), so "Authorize" in
     # the docs page sends it with "Try it out".
     @app.get("/openapi.json", include_in_schema=False)
-    async def openapi(self) -> dict:
-        return self._openapi_spec
+    async def openapi(self, request: Request) -> dict:
+        root = request.scope.get("root_path", "").rstrip("/")
+        # under a route prefix, "Try it out" must call the prefixed routes (FastAPI's own handler
+        # adds the same entry)
+        return {**self._openapi_spec, "servers": [{"url": root}]} if root else self._openapi_spec
 
     @app.get("/docs", include_in_schema=False)
     async def docs(self, request: Request):

@@ -229,8 +229,18 @@ def test_select_with_data_checks_its_flags_before_scoring_and_reuses_its_scores(
     assert "holds the finished scores of these inputs, models and settings" in capsys.readouterr().out
     assert json.loads((tmp_path / "sel-scores" / "summary.json").read_text()) == first
     assert json.loads((tmp_path / "sel2" / "summary.json").read_text())["rows_selected"] == 2
-    # other scoring settings into the same scores output: refused, not reused
+    # other scoring settings into the same scores output: refused, naming the change, not reused
     assert main([*base, "--output", str(tmp_path / "sel3"), "--scores-output", str(tmp_path / "sel-scores"),
                  "--beta", "0.5"]) == 2
-    assert "sel-scores already exists; pass --overwrite" in capsys.readouterr().err
-    assert not (tmp_path / "sel3").exists()
+    err = capsys.readouterr().err
+    assert "sel-scores holds the finished scores of other inputs, models or settings" in err
+    assert "beta (0.1 -> 0.5)" in err and not (tmp_path / "sel3").exists()
+    # a finished selection output is refused before anything is scored for it
+    assert main([*base, "--output", str(sel), "--scores-output", str(tmp_path / "fresh")]) == 2
+    assert "sel already exists; pass --overwrite" in capsys.readouterr().err
+    assert not (tmp_path / "fresh").exists() and not (tmp_path / "fresh.partial").exists()
+    # --overwrite replaces the selection; the matching scores are still reused, not made again
+    assert main([*base, "--output", str(sel), "--ratio", "0.25", "--overwrite"]) == 0
+    assert "holds the finished scores of these inputs" in capsys.readouterr().out
+    assert json.loads((tmp_path / "sel-scores" / "summary.json").read_text()) == first
+    assert json.loads((sel / "summary.json").read_text())["rows_selected"] == 2

@@ -232,6 +232,11 @@ def test_unfinished_or_foreign_s3_output_is_refused(tiny_models, s3, tmp_path):
         with pytest.raises(ValueError, match=rf"lies in the unfinished prefsel run '{BUCKET}/runs/partial'"):
             data_files(f"s3://{BUCKET}/{inside}")
     assert data_files(f"s3://{BUCKET}/small/in.jsonl") == [f"s3://{BUCKET}/small/in.jsonl"]
+    # another tool's manifest.json beside the data (no prefsel kind and fingerprint) is no run
+    _put(client, "other/manifest.json", json.dumps({"kind": "Deployment", "complete": False}))
+    _put(client, "other/train/a.jsonl", _lines(_rows()[:2]))
+    for name in ("other/train", "other/train/a.jsonl", "other/*/a.jsonl"):
+        assert data_files(f"s3://{BUCKET}/{name}") == [f"s3://{BUCKET}/other/train/a.jsonl"]
     # an unfinished run of other settings at the same place: refused, not mixed
     with pytest.raises(FileExistsError, match="different input"):
         run_score(ScoreJobConfig(policy=tiny_models[0], reference=tiny_models[1],

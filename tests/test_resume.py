@@ -134,3 +134,15 @@ def test_the_fingerprint_holds_the_dtype_the_actors_compute_in(tiny_models, tmp_
     assert fp("auto", 1)["dtype"] == "bfloat16" and fp("auto", 0)["dtype"] == "float32"
     assert fp("auto", 1) != fp("auto", 0)
     assert fp("float32", 1) == fp("fp32", 0) == fp("auto", 0)
+
+
+def test_an_unfinished_run_of_an_older_prefsel_with_dtype_auto_resumes(ray_local, tiny_models, tmp_path):
+    """Before the fingerprint held the resolved dtype it held "auto": such a run resumes as it did
+    then, rather than being refused for a difference no flag can undo."""
+    rows = make_demo_pairs(8, seed=4)
+    data = write_jsonl(tmp_path / "in.jsonl", rows)
+    cfg = ScoreJobConfig(policy=tiny_models[0], reference=tiny_models[1], data=str(data),
+                         output=str(tmp_path / "out"), chunk_rows=4, max_length=512)
+    old = {**fingerprint(cfg, plan_source(cfg.data, cfg.chunk_rows).files, "pairs"), "dtype": "auto"}
+    RunOutput(cfg.output, old, kind="scores")
+    assert run_score(cfg)["rows_scored"] == len(rows)

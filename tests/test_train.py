@@ -510,7 +510,7 @@ def test_a_selection_folder_trains_on_its_selected_file(tmp_path, toy):
     sel = tmp_path / "selected"
     sel.mkdir()
     _write(sel / "selected.jsonl", toy_pairs(5, 1))
-    (sel / "manifest.json").write_text(json.dumps({"kind": "selection", "complete": True}))
+    (sel / "manifest.json").write_text(json.dumps({"kind": "selection", "complete": True, "fingerprint": {}}))
     (sel / "summary.json").write_text(json.dumps({"rows": 5}))
     assert resolve_data(str(sel)).endswith("selected.jsonl")
     got = load_rows(str(sel), "dpo", PairTokenizer(load_tokenizer(toy["model"]), "none"))

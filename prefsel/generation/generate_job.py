@@ -148,7 +148,7 @@ class GenerateActor(ModelActor):
     """hf backend: holds the policy; turns each usable prompt into its output row (K samples)."""
 
     inputs = ("out_id", "first_sample", "record", "prompt_ids")
-    consumed = ("out_id", "first_sample", "prompt_ids")
+    consumed = ("first_sample", "prompt_ids")
     results = pa.schema([("reason", pa.string()), ("output", pa.large_string()), *[(k, pa.int64()) for k in STAT_KEYS]])
 
     def __init__(self, resources: ActorResources, cfg: GenerateConfig) -> None:
@@ -195,7 +195,7 @@ class GeneratedShardWriter:
             for k in STAT_KEYS:
                 self.stats[k] += r.get(k) or 0
         good = [json.loads(r["output"]) for r in rows if r["reason"] is None]
-        rejects = [{"row_id": r["row_id"], "reason": r["reason"], "record": original_record(r["record"])}
+        rejects = [{"row_id": r["out_id"], "reason": r["reason"], "record": original_record(r["record"])}
                    for r in rows if r["reason"] is not None]
         self.out.write_rows(chunk_id, good, rejects)
 
@@ -249,7 +249,7 @@ class GenerationSink:
     def register(self, row: dict) -> None:
         cid, rid = row["chunk_id"], row["row_id"]
         if row["reason"] is not None:
-            reject = {"row_id": rid, "reason": row["reason"], "record": original_record(row["record"])}
+            reject = {"row_id": row["out_id"], "reason": row["reason"], "record": original_record(row["record"])}
             self.done[cid].append((rid, None, reject))
         else:
             self.pending[rid] = {"chunk_id": cid, "out_id": row["out_id"], "record": row["record"], "samples": []}
@@ -267,7 +267,7 @@ class GenerationSink:
             row, reason, stats = assemble_row(record, p["out_id"], p["samples"])
             for k, v in stats.items():
                 self.stats[k] += v
-            reject = None if reason is None else {"row_id": s["row_id"], "reason": reason, "record": record}
+            reject = None if reason is None else {"row_id": p["out_id"], "reason": reason, "record": record}
             self.done[p["chunk_id"]].append((s["row_id"], row, reject))
             self._maybe_flush(p["chunk_id"])
 

@@ -173,6 +173,7 @@ def generate_samples(
         for j, r in enumerate(reqs):  # left padding: every prompt ends at the same column
             ids[j, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids, dtype=torch.long)
             attn[j, width - len(r.prompt_ids):] = 1
+        failure = None
         try:
             with torch.no_grad():
                 out = model.generate(
@@ -180,16 +181,18 @@ def generate_samples(
                     logits_processor=[SeededSampler([r.seed for r in reqs], cfg.temperature, cfg.top_p)],
                 )
         except Exception as e:  # noqa: BLE001 - reported per row, the run goes on
-            if len(batch) > 1:  # halves until the request that fails is alone: its batch-mates get samples
-                del ids, attn
-                if isinstance(e, torch.OutOfMemoryError):
-                    torch.cuda.empty_cache()
-                run(batch[: len(batch) // 2])
-                run(batch[len(batch) // 2:])
+            if isinstance(e, torch.OutOfMemoryError) and len(batch) == 1:
+                raise  # the machine's limit, not the row's: no reject for good; a rerun retries the chunk
+            failure = f"generation error: {type(e).__name__}: {e}"[:500]
+        if failure is not None:  # out of the except: the failed call's tensors (its traceback) are freed
+            del ids, attn
+            if len(batch) == 1:
+                results[batch[0]] = SampleResult(reqs[0].key, [], "", False, failure)
                 return
-            if isinstance(e, torch.OutOfMemoryError):  # the machine's limit, not the row's: no reject for
-                raise  # good; the chunk fails, and a rerun (or a smaller --max-tokens) retries it
-            results[batch[0]] = SampleResult(reqs[0].key, [], "", False, f"generation error: {type(e).__name__}: {e}"[:500])
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            run(batch[: len(batch) // 2])  # halves until the request that fails is alone
+            run(batch[len(batch) // 2:])
             return
         new = out[:, width:].tolist()
         for i, r, toks in zip(batch, reqs, new):

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from prefsel.formats import RowError, to_example
+from prefsel.generation.prompts import carried_row_id
 from prefsel.jobs import input_stamps
 from prefsel.prepare import record_text, unexpected_reason
 from prefsel.sources import not_object_reason, value_problem
@@ -117,7 +118,11 @@ def run_to_pairs(cfg: ToPairsConfig) -> dict:
         good, rejects = [], []
         for r in read_chunk(chunk):
             rec = r.record
-            rid = rec["row_id"] if isinstance(rec, dict) and type(rec.get("row_id")) is int else r.row_id
+            try:
+                rid = carried_row_id(rec, r.row_id)
+            except RowError as e:  # kept as generate and annotate keep it; beyond int64, a reject
+                rejects.append({"row_id": r.row_id, "reason": str(e), "record": record_text(rec)})
+                continue
             if not isinstance(rec, dict):
                 rejects.append({"row_id": rid, "reason": r.error or not_object_reason(rec),
                                 "record": r.raw if rec is None else rec})
