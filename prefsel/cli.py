@@ -111,7 +111,8 @@ def cmd_select(args: argparse.Namespace) -> dict:
         scored = run_score(score_config(args, output=scores_out), reuse_complete=True)
         if scored.get("reused"):
             print(f"prefsel select: {scores_out} holds the finished scores of these inputs, models and "
-                  "settings: selecting from them (--overwrite scores again)", flush=True)
+                  "settings: selecting from them (to score again, remove it or give another --scores-output)",
+                  flush=True)
         else:
             print_summary("prefsel score", scored)
     summary = run_select(cfg)
